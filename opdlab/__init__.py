@@ -1,0 +1,3 @@
+"""opdlab: on-policy distillation of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""Atomic checkpoints that a run resumes from exactly.
+
+A checkpoint is a directory `checkpoints/step-NNNNNN/` holding the model (`save_pretrained`, safetensors, loadable
+as an ordinary Hugging Face model) and `trainer_state.pt` (optimizer, scheduler, every RNG state, the step and the
+data position). It is written under a temporary name and renamed into place, and `checkpoints/latest` is replaced
+atomically afterwards, so a process killed at any moment leaves either the previous checkpoint or the new one,
+never a half-written one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "sampler": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    with open(tmp / "trainer_state.pt", "wb") as f:
+        torch.save(trainer_state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    for p in (tmp / "model").iterdir():
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # a re-run of the same step after a crash: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    _write_atomic(ckpt_root / "latest", final.name)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        candidate = ckpt_root / pointer.read_text().strip()
+        if (candidate / "trainer_state.pt").is_file():
+            return candidate
+    done = [p for p in list_checkpoints(ckpt_root) if (p / "trainer_state.pt").is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model) -> dict:
+    """Load the model weights in place and return the trainer state."""
+    weights = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        weights.update(load_file(f, device=str(next(model.parameters()).device)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False)

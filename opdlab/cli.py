@@ -1,0 +1,158 @@
+"""The `opdlab` command.
+
+    opdlab demo                              built-in task, teacher and student: evaluate, distil, evaluate again
+    opdlab prepare [--force]                 make (or re-make) the built-in teacher and student
+    opdlab train CONFIG.yaml [k=v ...]       on-policy distillation; --resume continues an interrupted run
+    opdlab sft CONFIG.yaml [k=v ...]         warm start on a task's worked solutions
+    opdlab eval [CONFIG.yaml] [k=v ...]      mean@k / pass@k of a model on a task, by response length
+    opdlab objectives                        the objective table
+    opdlab report RUN_DIR                    redraw a run's plots from its files
+
+Every command that takes a config also takes dotted overrides (`train.lr=3e-4 rollout.top_p=0.9`); `--help` lists
+every field with its type, default and meaning.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pydantic import Field
+
+from opdlab.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, TaskConfig, _Section, describe,
+                           load_config)
+
+
+class EvalRunConfig(_Section):
+    """An evaluation of one model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model evaluated.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="The task (its test split is used).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Sampling and metrics.")
+    seed: int = Field(0, description="Sampling seed.")
+    output: str | None = Field(None, description="Write the result as JSON here (default: print only).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
+
+
+def fields_help(model) -> str:
+    lines = ["configuration fields (set in the YAML file or as key=value):"]
+    for name, type_name, default, doc in describe(model):
+        lines.append(f"  {name} ({type_name}, default {default})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from opdlab.sft import SFTConfig
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="opdlab", description=__doc__, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the built-in task, in minutes on a laptop",
+                       formatter_class=fmt, description="Prepares the built-in models (cached), evaluates teacher "
+                       "and student, runs OPD, evaluates the student again and prints a before/after table.")
+    d.add_argument("--run-dir", default="runs/demo", help="where the run is written (default runs/demo)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the demo's training config")
+
+    pr = sub.add_parser("prepare", help="make the built-in teacher and student (cached)")
+    pr.add_argument("--force", action="store_true", help="re-train them even if cached")
+
+    for name, cfg_model, what in (("train", RunConfig, "on-policy distillation"), ("sft", SFTConfig, "warm start")):
+        t = sub.add_parser(name, help=what, formatter_class=fmt, epilog=fields_help(cfg_model))
+        t.add_argument("config", help="YAML config file ('-' for defaults only)")
+        t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        if name == "train":
+            t.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+
+    e = sub.add_parser("eval", help="mean@k / pass@k of a model", formatter_class=fmt,
+                       epilog=fields_help(EvalRunConfig))
+    e.add_argument("args", nargs="*", help="optional YAML config, then dotted key=value overrides")
+    e.add_argument("--model", help="shortcut for model.path=...")
+
+    sub.add_parser("objectives", help="list the objectives")
+    r = sub.add_parser("report", help="redraw a run's plots")
+    r.add_argument("run_dir")
+    return p
+
+
+def _config_and_overrides(config: str | None, overrides: list[str], model):
+    path = None if config in (None, "-") else config
+    return load_config(path, overrides, model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"opdlab: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opdlab: interrupted; `opdlab train CONFIG --resume` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line; OPDLAB_DEBUG=1 shows the trace
+        from opdlab.models import ModelLoadError
+        from opdlab.train import TrainingError
+        if os.environ.get("OPDLAB_DEBUG") or not isinstance(e, (ModelLoadError, TrainingError, ValueError,
+                                                                  FileNotFoundError)):
+            raise
+        print(f"opdlab: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if args.command == "demo":
+        from opdlab.demo import run_demo
+        run_demo(args.run_dir, args.overrides, console=console)
+    elif args.command == "prepare":
+        from opdlab.demo import prepare_builtin
+        prepare_builtin(force=args.force, console=console)
+    elif args.command == "train":
+        from opdlab.train import train
+        cfg = _config_and_overrides(args.config, args.overrides, RunConfig)
+        run_dir = train(cfg, resume=args.resume)
+        from opdlab.report import plot_training_curves
+        console.print(f"run written to {run_dir}; curves: {plot_training_curves(run_dir)}")
+    elif args.command == "sft":
+        from opdlab.sft import SFTConfig, run_sft
+        cfg = _config_and_overrides(args.config, args.overrides, SFTConfig)
+        console.print(f"model saved to {run_sft(cfg)}")
+    elif args.command == "eval":
+        _eval(args, console)
+    elif args.command == "objectives":
+        from opdlab.objectives import OBJECTIVES
+        for name, fn in sorted(OBJECTIVES.items()):
+            console.print(f"[bold]{name}[/bold]: {(fn.__doc__ or fn.__module__).strip().splitlines()[0]}")
+    elif args.command == "report":
+        from opdlab.report import plot_training_curves
+        console.print(f"wrote {plot_training_curves(args.run_dir)}")
+    return 0
+
+
+def _eval(args, console) -> None:
+    from opdlab.evaluate import evaluate
+    from opdlab.models import load_model
+    from opdlab.tasks import make_task
+    from opdlab.train import resolve_device
+
+    items = list(args.args)
+    config = items.pop(0) if items and "=" not in items[0] else None
+    if args.model:
+        items.append(f"model.path={args.model}")
+    cfg = _config_and_overrides(config, items, EvalRunConfig)
+    model, tokenizer = load_model(cfg.model, resolve_device(cfg.device))
+    result = evaluate(model, tokenizer, make_task(cfg.task), cfg.eval, seed=cfg.seed)
+    console.print(result.table(title=f"{cfg.model.path} on {cfg.task.name}"))
+    if cfg.output:
+        console.print(f"wrote {result.save(cfg.output)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

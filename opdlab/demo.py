@@ -1,0 +1,112 @@
+"""`opdlab demo`: the whole method on a laptop, in minutes, with no network.
+
+1. Prepare the built-in task's teacher and student: tiny Llama models trained from scratch by `opdlab sft` on
+   the task's worked solutions (the teacher bigger and longer), cached under $OPDLAB_CACHE (default
+   ~/.cache/opdlab) so a second run skips this.
+2. Evaluate the teacher and the student on held-out problems (mean@k, pass@k).
+3. Distil: `train()` with the config in `opdlab/configs/demo.yaml` (sampled-token reverse-KL OPD).
+4. Evaluate the distilled student and print teacher / student before / student after side by side.
+
+The run directory gets the resolved config, metrics.jsonl, TensorBoard events, checkpoints, sample rollouts,
+eval JSONs and PNGs of the training curves and of accuracy by response length.
+"""
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from opdlab.config import RunConfig, TaskConfig, load_config
+from opdlab.models import builtin_dir
+
+# The built-in task the demo models are made for; also the demo's training task (configs/demo.yaml).
+BUILTIN_TASK = dict(name="arithmetic", min_steps=2, max_steps=4, seed=0)
+# Warm-start recipes. The student gets a fraction of the teacher's budget, so it knows the format but makes
+# arithmetic mistakes that the teacher's token-level feedback can correct.
+RECIPES = {
+    "teacher": dict(init="teacher", steps=700, batch_size=32, lr=3e-3, warmup_steps=30, seed=0),
+    "student": dict(init="student", steps=150, batch_size=32, lr=3e-3, warmup_steps=20, seed=1),
+}
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("opdlab") / "configs" / "demo.yaml"))
+
+
+def _sft_config(name: str):
+    from opdlab.sft import SFTConfig
+
+    return SFTConfig(task=TaskConfig(**BUILTIN_TASK), output_dir=str(builtin_dir(name)), **RECIPES[name])
+
+
+def is_prepared(name: str) -> bool:
+    """True when the cached built-in model was made by the current recipe."""
+    saved = builtin_dir(name) / "sft_config.yaml"
+    if not saved.is_file():
+        return False
+    want = _sft_config(name).model_dump(mode="json")
+    have = yaml.safe_load(saved.read_text())
+    return {k: v for k, v in have.items() if k != "device"} == {k: v for k, v in want.items() if k != "device"}
+
+
+def prepare_builtin(force: bool = False, console: Console | None = None) -> None:
+    from opdlab.sft import run_sft
+
+    console = console or Console()
+    for name in ("teacher", "student"):
+        if is_prepared(name) and not force:
+            console.print(f"built-in {name}: cached at {builtin_dir(name)}")
+            continue
+        console.print(f"built-in {name}: warm-starting from scratch ({RECIPES[name]['steps']} SFT steps)")
+        run_sft(_sft_config(name))
+
+
+def run_demo(run_dir: str, overrides: list[str] | None = None, console: Console | None = None) -> dict:
+    from opdlab.checkpoint import latest_checkpoint
+    from opdlab.config import ModelConfig
+    from opdlab.evaluate import comparison_table, evaluate
+    from opdlab.models import load_model
+    from opdlab.report import plot_eval_by_length, plot_training_curves
+    from opdlab.tasks import make_task
+    from opdlab.train import resolve_device, train
+
+    console = console or Console()
+    prepare_builtin(console=console)
+    cfg: RunConfig = load_config(demo_config_path(), [*(overrides or []), f"run_dir={run_dir}"])
+    out = Path(cfg.run_dir)
+    ckpt = latest_checkpoint(out / "checkpoints")
+    resume = ckpt is not None and int(ckpt.name.split("-")[1]) < cfg.train.steps
+    if ckpt is not None and not resume:
+        console.print(f"{out} holds a finished demo run: replacing it")
+        shutil.rmtree(out)
+    device = resolve_device(cfg.device)
+    task = make_task(cfg.task)
+
+    results = {}
+    for label, model_cfg in (("teacher", cfg.teacher), ("student before", cfg.student)):
+        model, tok = load_model(model_cfg, device)
+        console.print(f"evaluating {label} ({model_cfg.path})")
+        results[label] = evaluate(model, tok, task, cfg.eval, seed=cfg.train.seed)
+        del model
+
+    console.print(f"{'resuming' if resume else 'running'} on-policy distillation: {cfg.train.steps} steps, "
+                  f"objective {cfg.objective.name}, run dir {out}")
+    train(cfg, resume=resume)
+
+    final = latest_checkpoint(out / "checkpoints") / "model"
+    model, tok = load_model(ModelConfig(path=str(final), dtype=cfg.student.dtype), device)
+    console.print("evaluating student after")
+    results["student after"] = evaluate(model, tok, task, cfg.eval, seed=cfg.train.seed)
+
+    for label, res in results.items():
+        res.save(out / f"eval_{label.replace(' ', '_')}.json")
+    curves = plot_training_curves(out)
+    by_length = plot_eval_by_length(results, out / "eval_by_length.png")
+    console.print(comparison_table(results, title=f"built-in task, {cfg.eval.num_problems} held-out problems"))
+    before, after = results["student before"].mean_at_k, results["student after"].mean_at_k
+    console.print(f"student mean@{cfg.eval.k}: {before:.1%} -> {after:.1%} ({after - before:+.1%}); "
+                  f"run dir {out} (curves: {curves.name}, {by_length.name})")
+    return results

@@ -1,0 +1,105 @@
+"""Warm start: supervised fine-tuning on a task's worked solutions.
+
+    opdlab sft CONFIG.yaml [key=value ...]
+
+Trains on (chat-formatted question, worked solution + EOS) with the loss on the response tokens only. The demo
+uses it to make the built-in teacher and student from scratch (`init=teacher|student`); on a real model it is an
+ordinary SFT step before distillation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from opdlab.config import ModelConfig, TaskConfig, _Section, save_config
+from opdlab.models import build_char_tokenizer, init_builtin_model, load_model
+from opdlab.prompts import render_prompt
+
+from opdlab.tasks import make_task
+from opdlab.tasks.base import ProblemStream
+
+
+class SFTConfig(_Section):
+    """A warm-start run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model to fine-tune (ignored with init).")
+    init: Literal["teacher", "student"] | None = Field(None, description=(
+        "Start a built-in model from scratch with this size instead of loading `model`."))
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Task whose worked solutions are the targets.")
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Sequences per step.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, linear warm-up then cosine decay).")
+    warmup_steps: int = Field(20, ge=0, description="Warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed of initialisation and data order.")
+    output_dir: str = Field("runs/sft", description="Where the fine-tuned model is saved (save_pretrained).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
+
+
+def sft_batch(tokenizer, task, problems, device):
+    """(input_ids, attention_mask, labels) with labels = -100 on the prompt and on padding."""
+    rows = []
+    for p in problems:
+        prompt = tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"]
+        target = tokenizer(task.target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + target, [-100] * len(prompt) + target))
+    L = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):  # right padding: positions are 0.. for every row
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
+    from opdlab.train import make_scheduler, resolve_device, seed_everything
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    if cfg.init is not None:
+        tokenizer = build_char_tokenizer()
+        model = init_builtin_model(cfg.init, tokenizer, seed=cfg.seed).to(device)
+    else:
+        model, tokenizer = load_model(cfg.model, device, trainable=True)
+    model.train()
+    task = make_task(cfg.task)
+    stream = ProblemStream(task.problems("train"), seed=cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched_cfg = type("S", (), dict(warmup_steps=cfg.warmup_steps, steps=cfg.steps, schedule="cosine"))
+    scheduler = make_scheduler(optimizer, sched_cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = []
+    bar = tqdm(range(cfg.steps), desc=f"sft {cfg.init or cfg.model.path}", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in bar:
+        ids, mask, labels = sft_batch(tokenizer, task, stream.take(cfg.batch_size), device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            log.append({"step": step + 1, "sft/loss": loss.item(), "time_s": time.perf_counter() - t0})
+    # write next to the destination and rename, so an interrupted warm start never leaves a half-saved model
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / "sft_config.yaml")
+    (tmp / "sft_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,119 @@
+"""The built-in task: multi-step integer arithmetic with a step-by-step worked solution.
+
+A problem is a chain of `steps` additions and subtractions of 1..9 to a start value, with every intermediate value
+kept in [0, max_value] (default 99). The worked solution rewrites the expression, carrying out one operation per line:
+
+    question:  Compute 7 + 5 - 3 + 9.
+    solution:  7 + 5 - 3 + 9
+               = 12 - 3 + 9
+               = 9 + 9
+               = 18
+               Answer: 18
+
+Each line is the previous one with its head replaced, which a small transformer learns by copying at a short
+distance; the work per line is one addition or subtraction of a digit.
+
+The question carries no answer-format instruction: the built-in models are character-level and learn the format
+in their warm start, and a short prompt keeps their sequences short. Solution lengths (characters, i.e. tokens of
+the built-in tokenizer): ~35 for 2 steps, ~130 for 6, ~280 for 10, ~385 for 12, so `min_steps`/`max_steps` reach
+completions from ~30 to several hundred tokens. Problem i of a split is generated from (seed, split, i) alone, so
+the data are deterministic and the train and test splits never share a generator stream.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from opdlab.tasks.base import Task, check_split, extract_answer
+from opdlab.types import Problem
+
+
+def make_problem(seed: int, split: str, index: int | str, min_steps: int, max_steps: int,
+                 max_value: int = 99) -> Problem:
+    rng = random.Random(f"{seed}/{split}/{index}")
+    steps = rng.randint(min_steps, max_steps)
+    first = value = rng.randint(1, max_value)
+    ops: list[tuple[str, int]] = []
+    for _ in range(steps):
+        # every step whose result stays in [0, max_value] is equally likely
+        choices = [("+", n) for n in range(1, 10) if value + n <= max_value]
+        choices += [("-", n) for n in range(1, 10) if value - n >= 0]
+        op, operand = rng.choice(choices)
+        ops.append((op, operand))
+        value = value + operand if op == "+" else value - operand
+    lines = chain_lines(first, ops)
+    return Problem(
+        uid=f"arith-{split}-{str(index).split('/')[0]}", question=f"Compute {lines[0]}.", answer=str(value),
+        solution="\n".join(lines + [f"Answer: {value}"]), meta={"steps": steps},
+    )
+
+
+def chain_lines(first: int, ops: list[tuple[str, int]]) -> list[str]:
+    """The worked solution: each line is the previous one with its first operation carried out."""
+    lines = [" ".join([str(first)] + [f"{op} {n}" for op, n in ops])]
+    value = first
+    for i, (op, n) in enumerate(ops):
+        value = value + n if op == "+" else value - n
+        lines.append("= " + " ".join([str(value)] + [f"{o} {m}" for o, m in ops[i + 1:]]))
+    return lines
+
+
+class _LazyProblems(Sequence):
+    def __init__(self, n: int, make):
+        self._n, self._make = n, make
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._make(i % self._n)
+
+
+class ArithmeticTask(Task):
+    """Multi-step arithmetic. Difficulty = number of steps, drawn uniformly from [min_steps, max_steps]."""
+
+    name = "arithmetic"
+
+    def __init__(self, min_steps: int = 2, max_steps: int = 4, seed: int = 0, train_size: int = 100_000,
+                 test_size: int = 200, max_value: int = 99):
+        if not 1 <= min_steps <= max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
+        if max_value < 9:
+            raise ValueError(f"max_value must be at least 9, got {max_value}")
+        self.min_steps, self.max_steps, self.seed, self.max_value = min_steps, max_steps, seed, max_value
+        self.sizes = {"train": train_size, "test": test_size}
+        self._test_questions: set[str] | None = None
+
+    def problems(self, split: str) -> Sequence[Problem]:
+        check_split(split)
+        if split == "test":
+            return _LazyProblems(self.sizes["test"], self._test_problem)
+        return _LazyProblems(self.sizes["train"], self._train_problem)
+
+    def _test_problem(self, i: int) -> Problem:
+        return make_problem(self.seed, "test", i, self.min_steps, self.max_steps, self.max_value)
+
+    def _train_problem(self, i: int) -> Problem:
+        # Short chains repeat often; redraw a training problem until it is not one of the held-out test questions.
+        if self._test_questions is None:
+            self._test_questions = {self._test_problem(j).question for j in range(self.sizes["test"])}
+        attempt = 0
+        while True:
+            p = make_problem(self.seed, "train", i if attempt == 0 else f"{i}/{attempt}", self.min_steps,
+                             self.max_steps, self.max_value)
+            if p.question not in self._test_questions:
+                return p
+            attempt += 1
+
+    def verify(self, problem: Problem, response: str) -> float:
+        got = extract_answer(response)
+        if got is None:
+            return 0.0
+        try:
+            return float(int(got) == int(problem.answer))
+        except ValueError:
+            return 0.0

@@ -1,0 +1,33 @@
+"""Teacher scoring: one teacher forward over (teacher prompt + student completion), reduced to what objectives
+need — log-prob of the sampled token, top-K ids and log-probs, entropy and max-prob — chunk by chunk so the full
+distribution is never held for the whole batch.
+
+The teacher may see a different prompt than the student (privileged context): pass its prompt ids; the completion
+tokens are the student's, unchanged, since the pair shares a tokenizer.
+"""
+from __future__ import annotations
+
+import torch
+
+from opdlab.logprobs import completion_hidden, scatter_back, softcap_of, token_stats
+from opdlab.types import Rollouts, TeacherScores
+
+
+@torch.no_grad()
+def score(teacher, rollouts: Rollouts, vocab_size: int, *, top_k: int = 0, chunk_size: int = 1024,
+          teacher_prompt_ids_B_P: torch.Tensor | None = None,
+          teacher_prompt_mask_B_P: torch.Tensor | None = None) -> TeacherScores:
+    """Score a batch of rollouts with the teacher (by default on the student's own prompts)."""
+    device = next(teacher.parameters()).device
+    p_ids = rollouts.prompt_ids_B_P if teacher_prompt_ids_B_P is None else teacher_prompt_ids_B_P
+    p_mask = rollouts.prompt_mask_B_P if teacher_prompt_mask_B_P is None else teacher_prompt_mask_B_P
+    mask_B_T = rollouts.completion_mask_B_T.to(device).bool()
+    hidden_B_T_H = completion_hidden(teacher, p_ids.to(device), p_mask.to(device),
+                                     rollouts.completion_ids_B_T.to(device), mask_B_T.long())
+    logp_N, ent_N, maxp_N, ids_N_K, tlp_N_K = token_stats(
+        hidden_B_T_H[mask_B_T], rollouts.completion_ids_B_T.to(device)[mask_B_T], teacher.get_output_embeddings(),
+        vocab_size, top_k=top_k, chunk_size=chunk_size, softcap=softcap_of(teacher))
+    return TeacherScores(
+        logp_B_T=scatter_back(logp_N, mask_B_T), topk_ids_B_T_K=scatter_back(ids_N_K, mask_B_T, 0),
+        topk_logp_B_T_K=scatter_back(tlp_N_K, mask_B_T, float("-inf")), entropy_B_T=scatter_back(ent_N, mask_B_T),
+        maxp_B_T=scatter_back(maxp_N, mask_B_T))

@@ -1,0 +1,177 @@
+"""The on-policy distillation loop: sample prompts -> student rollouts -> teacher scores -> objective -> step.
+
+    opdlab train CONFIG.yaml [key=value ...] [--resume]
+
+Everything a step does is in `train()` below, top to bottom; the objective is looked up by name in
+`opdlab.objectives.OBJECTIVES` and called with one signature, so methods differ only in that function.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from opdlab.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from opdlab.config import RunConfig, save_config
+from opdlab.logprobs import student_forward
+from opdlab.models import check_compatible, load_model
+from opdlab.objectives import OBJECTIVES
+from opdlab.rollout import sample
+from opdlab.tasks import make_task
+from opdlab.tasks.base import ProblemStream
+from opdlab.teacher import score
+from opdlab.tracking import MetricsLogger
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite losses); the last checkpoint is intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the run directory."""
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise TrainingError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                            f"or choose another run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.train.seed)
+
+    student, tokenizer = load_model(cfg.student, device, trainable=True)
+    teacher, teacher_tokenizer = load_model(cfg.teacher, device)
+    pairing = check_compatible(student, tokenizer, teacher, teacher_tokenizer)
+    task = make_task(cfg.task)
+    objective = OBJECTIVES[cfg.objective.name]
+    stream = ProblemStream(task.problems("train"), seed=cfg.task.seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    start_step, bad_steps = 0, 0
+
+    if resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise TrainingError(f"--resume: no checkpoint under {ckpt_root}")
+        state = load_checkpoint(ckpt, student)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], generator)
+        stream.position, start_step, bad_steps = state["data_position"], state["step"], state["bad_steps"]
+    logger = MetricsLogger(run_dir, start_step=start_step)
+
+    bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
+               desc="opd", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. rollouts from the current student
+        problems = [p for p in stream.take(cfg.rollout.prompts_per_step) for _ in range(cfg.rollout.samples_per_prompt)]
+        rollouts = sample(student, tokenizer, problems, max_new_tokens=cfg.rollout.max_new_tokens,
+                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=generator,
+                          vocab_size=pairing.vocab_size)
+        rewards = [task.verify(p, text) for p, text in zip(problems, rollouts.texts)]
+        t1 = time.perf_counter()
+        # 2. the teacher's view of every sampled token
+        scores = score(teacher, rollouts, pairing.vocab_size, top_k=cfg.scoring.top_k,
+                       chunk_size=cfg.scoring.chunk_size)
+        t2 = time.perf_counter()
+        # 3. loss and update, accumulated over micro-batches, normalised by the whole batch's token count
+        optimizer.zero_grad(set_to_none=True)
+        total_tokens = max(rollouts.num_tokens, 1)
+        step_metrics: dict[str, float] = {}
+        loss_total, student_entropy = 0.0, 0.0
+        for mb in micro_batches(len(problems), cfg.train.micro_batch_size):
+            r_mb = rollouts.select(mb)
+            weight = r_mb.num_tokens / total_tokens
+            s_mb = student_forward(student, r_mb, pairing.vocab_size, cfg.scoring.chunk_size)
+            out = objective(r_mb, s_mb, scores.select(mb), cfg.objective)
+            (out.loss * weight).backward()
+            student_entropy += (s_mb.entropy_B_T * r_mb.completion_mask_B_T).sum().item() / total_tokens
+            loss_total += out.loss.item() * weight
+            for k, v in out.metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip).item()
+        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            optimizer.step()
+            bad_steps = 0
+        else:  # never let a NaN/inf reach the weights: skip the update, stop if it keeps happening
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            tqdm.write(f"step {step + 1}: non-finite loss {loss_total} / grad norm {grad_norm}; update skipped")
+            if bad_steps >= cfg.train.max_bad_steps:
+                raise TrainingError(f"{bad_steps} consecutive non-finite steps (last at step {step + 1}); "
+                                    f"weights are those of the last good step, checkpoint in {ckpt_root}")
+        scheduler.step()
+        t3 = time.perf_counter()
+
+        mask_B_T = rollouts.completion_mask_B_T.bool()
+        metrics = {
+            "train/loss": loss_total, **step_metrics,
+            "train/reward": float(np.mean(rewards)),
+            "train/response_len": rollouts.completion_mask_B_T.sum(1).float().mean().item(),
+            "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+            "train/skipped": float(bad_steps > 0),
+            "teacher/entropy": scores.entropy_B_T[mask_B_T].mean().item(),
+            "teacher/maxp": scores.maxp_B_T[mask_B_T].mean().item(),
+            "student/entropy": student_entropy,
+            "perf/tokens_per_s": rollouts.num_tokens / (t3 - t0),
+            "perf/rollout_s": t1 - t0, "perf/teacher_s": t2 - t1, "perf/update_s": t3 - t2,
+        }
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+            from opdlab.evaluate import evaluate
+            result = evaluate(student, tokenizer, task, cfg.eval, seed=cfg.train.seed, vocab_size=pairing.vocab_size,
+                              progress=False)
+            metrics[f"eval/mean@{cfg.eval.k}"] = result.mean_at_k
+            metrics[f"eval/pass@{cfg.eval.k}"] = result.pass_at_k
+        logger.log(step + 1, metrics)
+        if (step + 1) % cfg.train.sample_every == 0 or step == start_step:
+            logger.samples(step + 1, rollouts, rewards, scores)
+        bar.set_postfix(loss=f"{loss_total:.3f}", rkl=f"{metrics.get('train/reverse_kl', 0):.3f}",
+                        reward=f"{metrics['train/reward']:.2f}")
+
+        if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+            save_checkpoint(ckpt_root, step + 1, student, tokenizer, {
+                "step": step + 1, "data_position": stream.position, "bad_steps": bad_steps,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(generator)}, keep=cfg.train.keep_checkpoints)
+    logger.close()
+    return run_dir
+

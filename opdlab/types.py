@@ -1,0 +1,130 @@
+"""The objects passed between pipeline stages.
+
+Shape suffixes on tensor names: B = batch, P = prompt length, T = completion length, K = top-K, H = hidden size,
+V = vocabulary. Every tensor here is on the device of the model that produced it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance.
+
+    `question` is what the student sees; `answer` is the reference final answer the verifier checks against;
+    `solution` is an optional worked solution (the oracle trace privileged methods show the teacher, and the SFT
+    target of the warm-start step); `meta` carries task-specific fields (difficulty, source file and row, ...).
+    """
+
+    uid: str
+    question: str
+    answer: str
+    solution: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollouts:
+    """A batch of student samples: left-padded prompts followed by right-padded completions.
+
+    `completion_mask_B_T` is 1 on generated tokens up to and including EOS. `logp_old_B_T` is the sampling policy's
+    log-probability of each sampled token at temperature 1 without truncation (log pi_old in METHODS.md);
+    `sampler_logp_B_T` is the log-probability under the distribution actually sampled from (after temperature and
+    top-p), kept for diagnostics.
+    """
+
+    prompt_ids_B_P: torch.Tensor
+    prompt_mask_B_P: torch.Tensor
+    completion_ids_B_T: torch.Tensor
+    completion_mask_B_T: torch.Tensor
+    logp_old_B_T: torch.Tensor
+    sampler_logp_B_T: torch.Tensor
+    problems: list[Problem]
+    texts: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask_B_T.sum().item())
+
+    def input_ids(self) -> torch.Tensor:
+        """(B, P+T) prompt followed by completion."""
+        return torch.cat([self.prompt_ids_B_P, self.completion_ids_B_T], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask_B_P, self.completion_mask_B_T], dim=1)
+
+    def select(self, index: slice | list[int]) -> "Rollouts":
+        """Rows of this batch, e.g. a micro-batch for gradient accumulation."""
+        return _select(self, index)
+
+
+@dataclass
+class TeacherScores:
+    """What the teacher says about each completion token, aligned with `Rollouts.completion_ids_B_T`.
+
+    Position t holds the teacher's next-token distribution at context (teacher prompt, y_<t): `logp_B_T` is
+    log pi_T(y_t | c_t), `topk_ids_B_T_K`/`topk_logp_B_T_K` its top-K (K may be 0), `entropy_B_T` and
+    `maxp_B_T` its entropy and max-probability (the fidelity F(t) of METHODS.md section 2).
+    """
+
+    logp_B_T: torch.Tensor
+    topk_ids_B_T_K: torch.Tensor
+    topk_logp_B_T_K: torch.Tensor
+    entropy_B_T: torch.Tensor
+    maxp_B_T: torch.Tensor
+
+    def select(self, index: slice | list[int]) -> "TeacherScores":
+        return _select(self, index)
+
+
+@dataclass
+class StudentOutputs:
+    """The student's forward pass on a rollout batch, with gradients.
+
+    `logp_B_T` (differentiable) is log pi_theta(y_t | c_t) of the sampled tokens; `entropy_B_T` is detached.
+    `hidden_B_T_H` (differentiable) and `lm_head` let full-vocabulary objectives compute logits in chunks
+    themselves instead of holding (B, T, V) at once.
+    """
+
+    logp_B_T: torch.Tensor
+    entropy_B_T: torch.Tensor
+    hidden_B_T_H: torch.Tensor
+    lm_head: torch.nn.Module
+
+
+@dataclass
+class ObjectiveOutput:
+    """An objective's scalar loss (already normalised) and its per-step diagnostics (floats)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def _select(obj, index):
+    if isinstance(index, slice):
+        rows = list(range(*index.indices(len(obj.problems) if hasattr(obj, "problems") else _first_len(obj))))
+    else:
+        rows = list(index)
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    values = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            values[f.name] = v.index_select(0, idx.to(v.device))
+        elif isinstance(v, list):
+            values[f.name] = [v[i] for i in rows]
+        else:
+            values[f.name] = v
+    return replace(obj, **values)
+
+
+def _first_len(obj) -> int:
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    raise ValueError("empty batch")
