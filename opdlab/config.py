@@ -59,14 +59,18 @@ class RolloutConfig(_Section):
     samples_per_prompt: int = Field(1, ge=1, description="Rollouts per prompt (batch = prompts x samples).")
     max_new_tokens: int = Field(96, ge=1, description="Most tokens generated per rollout.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts (1 = off).")
+    top_p: float | None = Field(None, gt=0, le=1, description=(
+        "Nucleus sampling of rollouts (1 = off). None = the objective's default (0.9 for lsm, 1.0 otherwise); a "
+        "run's config.yaml records the value it resolved to."))
 
 
 class TeacherScoringConfig(_Section):
-    top_k: int = Field(0, ge=0, description="Teacher top-K ids/log-probs returned per position (0 = none).")
+    top_k: int = Field(0, ge=0, description=(
+        "Teacher top-K ids/log-probs returned per position (0 = none); raised to what the objective needs "
+        "(objective.top_k for lsm and for the support/* diagnostics of opd)."))
     chunk_size: int = Field(1024, ge=1, description=(
-        "Positions per chunk when turning hidden states into log-probs: bounds peak memory at "
-        "chunk_size x vocabulary fp32 values."))
+        "Positions per chunk when turning hidden states into log-probs (teacher scoring, the student's forward and "
+        "the objectives' own logits): bounds peak memory at chunk_size x vocabulary fp32 values per model."))
 
 
 class ObjectiveConfig(_Section):
@@ -75,6 +79,31 @@ class ObjectiveConfig(_Section):
     discount: float = Field(0.0, ge=0, le=1, description=(
         "gamma: 0 uses each token's own reverse KL; > 0 sums discounted future per-token KLs into the advantage."))
     clip_eps: float | None = Field(None, gt=0, description="PPO clip range of the importance ratio (None = off).")
+    beta: float = Field(0.5, ge=0, le=1, description=(
+        "jsd: beta of JSD_beta = beta*KL(pi_T||M) + (1-beta)*KL(pi_theta||M), M = beta*pi_T + (1-beta)*pi_theta. "
+        "beta = 0 is the limit KL(pi_T||pi_theta) (teacher first), beta = 1 is KL(pi_theta||pi_T) (student first)."))
+    temperature: float = Field(1.0, gt=0, description=(
+        "forward_kl / reverse_kl / jsd: both models' logits are divided by it before the softmax."))
+    gkd_lambda: float = Field(1.0, ge=0, le=1, description=(
+        "GKD data mix: probability that a step trains on student rollouts; otherwise it trains on the task's "
+        "reference responses (worked solution + EOS, else 'Answer: <answer>'). 1 = always on-policy."))
+    top_k: int = Field(32, ge=1, description=(
+        "K of the support S of lsm (teacher or student top-K), and of the support/* diagnostics of every "
+        "objective (teacher mass on S, student mass on S, top-K overlap)."))
+    support: Literal["teacher_topk", "teacher_topk_sampled", "student_topk", "head_tail"] = Field(
+        "teacher_topk", description=(
+            "lsm: the support S. 'teacher_topk': teacher top-K; 'teacher_topk_sampled': teacher top-K plus the "
+            "sampled token; 'student_topk': student top-K plus the sampled token (the teacher's log-probs there "
+            "come from its hidden states); 'head_tail': teacher top-K plus a sampled-token policy-gradient term "
+            "-A_t * ratio_t on tokens outside S."))
+    mask_tokens: list[str] = Field([], description=(
+        "Tokens (vocabulary strings, e.g. '<|im_start|>') excluded from every objective's loss and token count. "
+        "Listing the EOS token here masks it too (auto_mask never does)."))
+    auto_mask: bool = Field(True, description=(
+        "Also exclude tokens whose text the teacher's and student's tokenizers split differently and, when their "
+        "special tokens or chat templates differ, every special / chat-template token (e.g. <|im_start|>, think "
+        "tags). Stop tokens (EOS) always stay in the loss so the student still learns to stop; a same-family pair "
+        "with one template masks nothing (see opdlab.masking for why)."))
 
     @field_validator("name")
     @classmethod

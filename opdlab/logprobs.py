@@ -90,4 +90,5 @@ def student_forward(model, rollouts, vocab_size: int, chunk_size: int = 1024) ->
         chunk_size=chunk_size, softcap=softcap_of(model))
     return StudentOutputs(
         logp_B_T=scatter_back(logp_N, mask_B_T), entropy_B_T=scatter_back(ent_N, mask_B_T),
-        hidden_B_T_H=hidden_B_T_H, lm_head=model.get_output_embeddings())
+        hidden_B_T_H=hidden_B_T_H, lm_head=model.get_output_embeddings(), vocab_size=vocab_size,
+        softcap=softcap_of(model), chunk_size=chunk_size)

@@ -3,19 +3,23 @@
 A plain decode loop over `model(...)` with the model's own cache, so it works for any transformers causal LM and
 records, per sampled token, both the policy's log-probability (temperature 1, no truncation: log pi_old) and the
 log-probability under the distribution actually sampled from (temperature, top-p).
+
+`reference_rollouts` packs given responses (a task's reference solutions, for GKD's off-policy batches) into the
+same `Rollouts` shape, with log pi_old = the student's own log-probs of those tokens.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from opdlab.logprobs import student_forward
 from opdlab.prompts import encode_prompts, position_ids, render_prompt, stop_token_ids
 from opdlab.types import Problem, Rollouts
 
 
 def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     """Set logits outside the smallest set of tokens whose probability reaches top_p to -inf."""
-    if top_p >= 1.0:
+    if top_p is None or top_p >= 1.0:
         return logits_B_V
     sorted_B_V, order_B_V = logits_B_V.sort(dim=-1, descending=True)
     cum_B_V = sorted_B_V.softmax(-1).cumsum(-1)
@@ -80,3 +84,37 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
         logp_old_B_T=torch.where(completion_mask.bool(), torch.stack(logp_old, dim=1), zero),
         sampler_logp_B_T=torch.where(completion_mask.bool(), torch.stack(logp_sampler, dim=1), zero),
         problems=list(problems), texts=texts)
+
+
+@torch.no_grad()
+def reference_rollouts(model, tokenizer, problems: list[Problem], responses: list[str], *, max_new_tokens: int,
+                       vocab_size: int | None = None, chunk_size: int = 1024,
+                       prompts: list[str] | None = None) -> Rollouts:
+    """Given responses as a `Rollouts`: each is tokenised, followed by EOS and cut to `max_new_tokens` (a cut one
+    loses its EOS, like a rollout that ran out of tokens). log pi_old and the sampler log-probs are the model's
+    log-probs of those tokens at temperature 1, computed without gradients (the batch is off-policy)."""
+    device = next(model.parameters()).device
+    prompts = prompts or [render_prompt(tokenizer, p.question) for p in problems]
+    prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts))
+    rows = [(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_new_tokens]
+            for text in responses]
+    T = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    completion_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        completion_ids[i, :len(r)], completion_mask[i, :len(r)] = torch.tensor(r), 1
+    completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
+    V = vocab_size or model.get_output_embeddings().weight.shape[0]
+    rollouts = Rollouts(
+        prompt_ids_B_P=prompt_ids, prompt_mask_B_P=prompt_mask, completion_ids_B_T=completion_ids,
+        completion_mask_B_T=completion_mask, logp_old_B_T=torch.zeros(completion_ids.shape, device=device),
+        sampler_logp_B_T=torch.zeros(completion_ids.shape, device=device), problems=list(problems),
+        texts=[tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+               for ids, m in zip(completion_ids.cpu(), completion_mask.cpu())])
+    was_training = model.training
+    model.eval()
+    logp_B_T = student_forward(model, rollouts, V, chunk_size).logp_B_T
+    model.train(was_training)
+    rollouts.logp_old_B_T, rollouts.sampler_logp_B_T = logp_B_T, logp_B_T.clone()
+    return rollouts

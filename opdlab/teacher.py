@@ -4,6 +4,10 @@ distribution is never held for the whole batch.
 
 The teacher may see a different prompt than the student (privileged context): pass its prompt ids; the completion
 tokens are the student's, unchanged, since the pair shares a tokenizer.
+
+With `keep_hidden=True` the scores also carry the teacher's last hidden states and output layer, from which an
+objective that needs the teacher's full distribution (the full-vocabulary divergences) makes logits chunk by chunk
+itself; the objective table says which objectives ask for it (`opdlab.objectives.Objective.teacher_request`).
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ from opdlab.types import Rollouts, TeacherScores
 @torch.no_grad()
 def score(teacher, rollouts: Rollouts, vocab_size: int, *, top_k: int = 0, chunk_size: int = 1024,
           teacher_prompt_ids_B_P: torch.Tensor | None = None,
-          teacher_prompt_mask_B_P: torch.Tensor | None = None) -> TeacherScores:
-    """Score a batch of rollouts with the teacher (by default on the student's own prompts)."""
+          teacher_prompt_mask_B_P: torch.Tensor | None = None, keep_hidden: bool = False) -> TeacherScores:
+    """Score a batch of rollouts with the teacher (by default on the student's own prompts).
+
+    `keep_hidden` also returns the (B, T, H) hidden states and the output layer (no (B, T, V) tensor is made)."""
     device = next(teacher.parameters()).device
     p_ids = rollouts.prompt_ids_B_P if teacher_prompt_ids_B_P is None else teacher_prompt_ids_B_P
     p_mask = rollouts.prompt_mask_B_P if teacher_prompt_mask_B_P is None else teacher_prompt_mask_B_P
@@ -30,4 +36,7 @@ def score(teacher, rollouts: Rollouts, vocab_size: int, *, top_k: int = 0, chunk
     return TeacherScores(
         logp_B_T=scatter_back(logp_N, mask_B_T), topk_ids_B_T_K=scatter_back(ids_N_K, mask_B_T, 0),
         topk_logp_B_T_K=scatter_back(tlp_N_K, mask_B_T, float("-inf")), entropy_B_T=scatter_back(ent_N, mask_B_T),
-        maxp_B_T=scatter_back(maxp_N, mask_B_T))
+        maxp_B_T=scatter_back(maxp_N, mask_B_T),
+        hidden_B_T_H=hidden_B_T_H if keep_hidden else None,
+        lm_head=teacher.get_output_embeddings() if keep_hidden else None,
+        vocab_size=vocab_size if keep_hidden else None, softcap=softcap_of(teacher) if keep_hidden else None)

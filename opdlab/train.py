@@ -3,7 +3,11 @@
     opdlab train CONFIG.yaml [key=value ...] [--resume]
 
 Everything a step does is in `train()` below, top to bottom; the objective is looked up by name in
-`opdlab.objectives.OBJECTIVES` and called with one signature, so methods differ only in that function.
+`opdlab.objectives.OBJECTIVES` and called with one signature, so methods differ only in that function (and in what
+its table entry asks the teacher for). With `objective.gkd_lambda` < 1 a step trains, with probability
+1 - lambda, on the task's reference responses instead of student rollouts (GKD), a draw from the run's seeded
+sampler so a resumed run makes the same choices. Special tokens are masked out of every objective's loss
+(`opdlab.masking`).
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ from opdlab.checkpoint import latest_checkpoint, load_checkpoint, rng_state, sav
 from opdlab.config import RunConfig, save_config
 from opdlab.logprobs import student_forward
 from opdlab.models import check_compatible, load_model
-from opdlab.objectives import OBJECTIVES
-from opdlab.rollout import sample
+from opdlab.masking import masked_token_ids, with_loss_mask
+from opdlab.objectives import OBJECTIVES, as_objective
+from opdlab.prompts import stop_token_ids
+from opdlab.rollout import reference_rollouts, sample
 from opdlab.tasks import make_task
 from opdlab.tasks.base import ProblemStream
 from opdlab.teacher import score
@@ -63,8 +69,19 @@ def micro_batches(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def resolve_defaults(cfg: RunConfig) -> RunConfig:
+    """A copy of `cfg` with the objective-dependent defaults filled in (rollout.top_p = None -> the objective's
+    default top-p), as the run directory records it."""
+    if cfg.rollout.top_p is not None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.rollout.top_p = as_objective(OBJECTIVES[cfg.objective.name]).default_top_p
+    return cfg
+
+
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; returns the run directory."""
+    cfg = resolve_defaults(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     if not resume and latest_checkpoint(ckpt_root) is not None:
@@ -79,7 +96,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     teacher, teacher_tokenizer = load_model(cfg.teacher, device)
     pairing = check_compatible(student, tokenizer, teacher, teacher_tokenizer)
     task = make_task(cfg.task)
-    objective = OBJECTIVES[cfg.objective.name]
+    objective = as_objective(OBJECTIVES[cfg.objective.name])
+    teacher_request = objective.teacher_request(cfg.objective)
+    masked_ids = masked_token_ids(tokenizer, teacher_tokenizer, cfg.objective.mask_tokens, cfg.objective.auto_mask,
+                                  keep=stop_token_ids(student, tokenizer))
     stream = ProblemStream(task.problems("train"), seed=cfg.task.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
@@ -102,32 +122,43 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
                desc="opd", disable=not progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        # 1. rollouts from the current student
+        # 1. rollouts from the current student (or, for GKD's off-policy share, the task's reference responses)
         problems = [p for p in stream.take(cfg.rollout.prompts_per_step) for _ in range(cfg.rollout.samples_per_prompt)]
-        rollouts = sample(student, tokenizer, problems, max_new_tokens=cfg.rollout.max_new_tokens,
-                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=generator,
-                          vocab_size=pairing.vocab_size)
+        on_policy = cfg.objective.gkd_lambda >= 1 or \
+            torch.rand(1, generator=generator, device=device).item() < cfg.objective.gkd_lambda
+        if on_policy:
+            rollouts = sample(student, tokenizer, problems, max_new_tokens=cfg.rollout.max_new_tokens,
+                              temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=generator,
+                              vocab_size=pairing.vocab_size)
+        else:
+            rollouts = reference_rollouts(student, tokenizer, problems, [task.target(p) for p in problems],
+                                          max_new_tokens=cfg.rollout.max_new_tokens, vocab_size=pairing.vocab_size,
+                                          chunk_size=cfg.scoring.chunk_size)
+        rollouts = with_loss_mask(rollouts, masked_ids)
         rewards = [task.verify(p, text) for p, text in zip(problems, rollouts.texts)]
         t1 = time.perf_counter()
-        # 2. the teacher's view of every sampled token
-        scores = score(teacher, rollouts, pairing.vocab_size, top_k=cfg.scoring.top_k,
-                       chunk_size=cfg.scoring.chunk_size)
+        # 2. the teacher's view of every sampled token (plus what the objective asked for: top-K, hidden states)
+        scores = score(teacher, rollouts, pairing.vocab_size, top_k=max(cfg.scoring.top_k, teacher_request.top_k),
+                       chunk_size=cfg.scoring.chunk_size, keep_hidden=teacher_request.hidden)
         t2 = time.perf_counter()
-        # 3. loss and update, accumulated over micro-batches, normalised by the whole batch's token count
+        # 3. loss and update, accumulated over micro-batches, normalised by the whole batch's loss-token count
         optimizer.zero_grad(set_to_none=True)
-        total_tokens = max(rollouts.num_tokens, 1)
-        step_metrics: dict[str, float] = {}
+        total_tokens = max(rollouts.num_loss_tokens, 1)
+        metric_sums: dict[str, float] = {}
+        metric_weights: dict[str, float] = {}
         loss_total, student_entropy = 0.0, 0.0
         for mb in micro_batches(len(problems), cfg.train.micro_batch_size):
             r_mb = rollouts.select(mb)
-            weight = r_mb.num_tokens / total_tokens
+            weight = r_mb.num_loss_tokens / total_tokens
             s_mb = student_forward(student, r_mb, pairing.vocab_size, cfg.scoring.chunk_size)
             out = objective(r_mb, s_mb, scores.select(mb), cfg.objective)
             (out.loss * weight).backward()
-            student_entropy += (s_mb.entropy_B_T * r_mb.completion_mask_B_T).sum().item() / total_tokens
+            student_entropy += (s_mb.entropy_B_T * r_mb.loss_mask_B_T).sum().item() / total_tokens
             loss_total += out.loss.item() * weight
-            for k, v in out.metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v * weight
+            for k, v in out.metrics.items():  # a micro-batch may lack a metric (e.g. an empty position bucket)
+                metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
+                metric_weights[k] = metric_weights.get(k, 0.0) + weight
+        step_metrics = {k: metric_sums[k] / metric_weights[k] for k in metric_sums if metric_weights[k] > 0}
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             optimizer.step()
@@ -145,8 +176,10 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         mask_B_T = rollouts.completion_mask_B_T.bool()
         metrics = {
             "train/loss": loss_total, **step_metrics,
-            "train/reward": float(np.mean(rewards)),
+            # reward of student rollouts only: a GKD step on reference responses logs none
+            **({"train/reward": float(np.mean(rewards))} if on_policy else {}), "train/on_policy": float(on_policy),
             "train/response_len": rollouts.completion_mask_B_T.sum(1).float().mean().item(),
+            "train/masked_frac": 1.0 - rollouts.num_loss_tokens / max(rollouts.num_tokens, 1),
             "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
             "train/skipped": float(bad_steps > 0),
             "teacher/entropy": scores.entropy_B_T[mask_B_T].mean().item(),
@@ -165,7 +198,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         if (step + 1) % cfg.train.sample_every == 0 or step == start_step:
             logger.samples(step + 1, rollouts, rewards, scores)
         bar.set_postfix(loss=f"{loss_total:.3f}", rkl=f"{metrics.get('train/reverse_kl', 0):.3f}",
-                        reward=f"{metrics['train/reward']:.2f}")
+                        reward=f"{metrics.get('train/reward', math.nan):.2f}")
 
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
             save_checkpoint(ckpt_root, step + 1, student, tokenizer, {

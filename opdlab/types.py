@@ -31,10 +31,11 @@ class Problem:
 class Rollouts:
     """A batch of student samples: left-padded prompts followed by right-padded completions.
 
-    `completion_mask_B_T` is 1 on generated tokens up to and including EOS. `logp_old_B_T` is the sampling policy's
-    log-probability of each sampled token at temperature 1 without truncation (log pi_old in METHODS.md);
-    `sampler_logp_B_T` is the log-probability under the distribution actually sampled from (after temperature and
-    top-p), kept for diagnostics.
+    `completion_mask_B_T` is 1 on generated tokens up to and including EOS. `loss_mask_B_T` is the subset of those
+    that objectives learn from and normalise by (special-token masking, `opdlab.masking`); it defaults to the
+    completion mask. `logp_old_B_T` is the sampling policy's log-probability of each sampled token at temperature 1
+    without truncation (log pi_old in METHODS.md); `sampler_logp_B_T` is the log-probability under the distribution
+    actually sampled from (after temperature and top-p), kept for diagnostics.
     """
 
     prompt_ids_B_P: torch.Tensor
@@ -45,10 +46,19 @@ class Rollouts:
     sampler_logp_B_T: torch.Tensor
     problems: list[Problem]
     texts: list[str]
+    loss_mask_B_T: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.loss_mask_B_T is None:
+            self.loss_mask_B_T = self.completion_mask_B_T
 
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask_B_T.sum().item())
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask_B_T.sum().item())
 
     def input_ids(self) -> torch.Tensor:
         """(B, P+T) prompt followed by completion."""
@@ -69,6 +79,10 @@ class TeacherScores:
     Position t holds the teacher's next-token distribution at context (teacher prompt, y_<t): `logp_B_T` is
     log pi_T(y_t | c_t), `topk_ids_B_T_K`/`topk_logp_B_T_K` its top-K (K may be 0), `entropy_B_T` and
     `maxp_B_T` its entropy and max-probability (the fidelity F(t) of METHODS.md section 2).
+
+    Objectives that need the teacher's whole distribution (full-vocabulary divergences) ask `score` to keep the
+    teacher's last hidden states `hidden_B_T_H` and its output layer `lm_head` (with `vocab_size` and `softcap`,
+    as in `opdlab.logprobs.chunk_logits`), and make logits from them chunk by chunk; otherwise these are None.
     """
 
     logp_B_T: torch.Tensor
@@ -76,6 +90,10 @@ class TeacherScores:
     topk_logp_B_T_K: torch.Tensor
     entropy_B_T: torch.Tensor
     maxp_B_T: torch.Tensor
+    hidden_B_T_H: torch.Tensor | None = None
+    lm_head: torch.nn.Module | None = None
+    vocab_size: int | None = None
+    softcap: float | None = None
 
     def select(self, index: slice | list[int]) -> "TeacherScores":
         return _select(self, index)
@@ -87,13 +105,25 @@ class StudentOutputs:
 
     `logp_B_T` (differentiable) is log pi_theta(y_t | c_t) of the sampled tokens; `entropy_B_T` is detached.
     `hidden_B_T_H` (differentiable) and `lm_head` let full-vocabulary objectives compute logits in chunks
-    themselves instead of holding (B, T, V) at once.
+    themselves instead of holding (B, T, V) at once: `opdlab.logprobs.chunk_logits(hidden, lm_head, vocab_size,
+    softcap)` over `chunk_size` positions at a time (vocab_size None = every output row).
     """
 
     logp_B_T: torch.Tensor
     entropy_B_T: torch.Tensor
     hidden_B_T_H: torch.Tensor
     lm_head: torch.nn.Module
+    vocab_size: int | None = None
+    softcap: float | None = None
+    chunk_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """What an objective needs from `opdlab.teacher.score` beyond the sampled token's log-prob, entropy, max-prob."""
+
+    top_k: int = 0  # the teacher's top-K ids and log-probs per position
+    hidden: bool = False  # keep its hidden states and output layer: its full distribution, made chunk by chunk
 
 
 @dataclass

@@ -1,13 +1,69 @@
-"""The objective table: name -> objective function. Every objective has the same signature,
+"""The objective table: name -> `Objective`. Every objective function has the same signature,
 
     fn(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg: ObjectiveConfig) -> ObjectiveOutput
 
 and the training loop calls whichever `objective.name` selects; adding an objective is adding an entry here.
+An entry also says what the objective needs from the teacher (`teacher_request(cfg)`: top-K ids/log-probs, and
+whether to keep the teacher's hidden states for its full distribution) and its default rollout top-p, so the
+loop asks `opdlab.teacher.score` for exactly that and never branches on the objective's name. A plain function
+is accepted too (`as_objective`): it needs nothing beyond the sampled-token scores and samples with top-p 1.
+
+One file per family: `opd` (sampled-token OPD), `divergence` (full-vocabulary KLs and JSD / GKD), `lsm` (teacher
+top-K local support matching); `diagnostics` holds the per-step metrics they share.
 """
 from __future__ import annotations
 
-from opdlab.objectives.opd import sampled_token_opd
+from collections.abc import Callable
+from dataclasses import dataclass
 
-OBJECTIVES = {
-    "opd": sampled_token_opd,
+from opdlab.config import ObjectiveConfig
+from opdlab.objectives.divergence import forward_kl, jsd, reverse_kl
+from opdlab.objectives.lsm import lsm, lsm_teacher_request
+from opdlab.objectives.opd import sampled_token_opd
+from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherRequest, TeacherScores
+
+ObjectiveFn = Callable[[Rollouts, StudentOutputs, TeacherScores, ObjectiveConfig], ObjectiveOutput]
+
+
+def _scores_only(cfg: ObjectiveConfig) -> TeacherRequest:
+    return TeacherRequest()
+
+
+def _top_k(cfg: ObjectiveConfig) -> TeacherRequest:
+    return TeacherRequest(top_k=cfg.top_k)
+
+
+def _full_distribution(cfg: ObjectiveConfig) -> TeacherRequest:
+    return TeacherRequest(hidden=True)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A table entry: the function, what it needs from the teacher, and its default rollout top-p.
+
+    Called like its function; its `__doc__` is the function's (what `opdlab objectives` prints)."""
+
+    fn: ObjectiveFn
+    teacher_request: Callable[[ObjectiveConfig], TeacherRequest] = _scores_only
+    default_top_p: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "__doc__", self.fn.__doc__)
+
+    def __call__(self, rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
+                 cfg: ObjectiveConfig) -> ObjectiveOutput:
+        return self.fn(rollouts, student, teacher, cfg)
+
+
+def as_objective(entry: Objective | ObjectiveFn) -> Objective:
+    """A table entry as an `Objective` (a plain function gets the defaults)."""
+    return entry if isinstance(entry, Objective) else Objective(entry)
+
+
+OBJECTIVES: dict[str, Objective | ObjectiveFn] = {
+    "opd": Objective(sampled_token_opd, teacher_request=_top_k),  # top-K only for the support/* diagnostics
+    "forward_kl": Objective(forward_kl, teacher_request=_full_distribution),
+    "reverse_kl": Objective(reverse_kl, teacher_request=_full_distribution),
+    "jsd": Objective(jsd, teacher_request=_full_distribution),
+    "lsm": Objective(lsm, teacher_request=lsm_teacher_request, default_top_p=0.9),
 }

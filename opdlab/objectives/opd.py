@@ -7,13 +7,18 @@ The loss is the importance-sampling policy gradient
     L = - sum_t exp(log pi_theta(y_t) - log pi_old(y_t)) * A_t  /  (number of completion tokens)
 
 whose gradient, in expectation over y ~ pi_theta (and pi_old = pi_theta), is the gradient of the per-token
-reverse KL(pi_theta || pi_T). With `clip_eps` set, the ratio is PPO-clipped.
+reverse KL(pi_theta || pi_T). With `clip_eps` set, the ratio is PPO-clipped. Sums and the token count run over
+`Rollouts.loss_mask_B_T` (completion tokens minus masked special tokens).
+
+Diagnostics: those of `opdlab.objectives.common`; the support/* ones (S = the teacher's top-K from its scores) apply
+the student's output layer to its detached hidden states chunk by chunk (no extra forward pass through the model).
 """
 from __future__ import annotations
 
 import torch
 
 from opdlab.config import ObjectiveConfig
+from opdlab.objectives.common import mean_stats, student_support_stats, to_floats, token_metrics
 from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherScores
 
 
@@ -32,7 +37,8 @@ def discounted_future_sum(x_B_T: torch.Tensor, mask_B_T: torch.Tensor, gamma: fl
 
 def sampled_token_opd(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
                       cfg: ObjectiveConfig) -> ObjectiveOutput:
-    mask_B_T = rollouts.completion_mask_B_T.float()
+    """Sampled-token OPD: importance-weighted policy gradient with advantage -kappa * (log pi_old - log pi_T)."""
+    mask_B_T = rollouts.loss_mask_B_T.float()
     n_tokens = mask_B_T.sum().clamp(min=1.0)
     rkl_B_T = (rollouts.logp_old_B_T - teacher.logp_B_T) * mask_B_T
     advantage_B_T = -cfg.kl_coef * discounted_future_sum(rkl_B_T, mask_B_T, cfg.discount)
@@ -43,10 +49,12 @@ def sampled_token_opd(rollouts: Rollouts, student: StudentOutputs, teacher: Teac
         objective_B_T = torch.minimum(objective_B_T, clipped_B_T)
     loss = -(objective_B_T * mask_B_T).sum() / n_tokens
     with torch.no_grad():
+        loss_mask_B_T = mask_B_T.bool()
         metrics = {
-            "train/reverse_kl": (rkl_B_T.sum() / n_tokens).item(),
-            "train/advantage": (advantage_B_T.sum() / n_tokens).item(),
-            "train/neg_reward_frac": (((rkl_B_T > 0).float() * mask_B_T).sum() / n_tokens).item(),
-            "train/ratio": (ratio_B_T.sum() / n_tokens).item(),
+            **token_metrics(rollouts, student, teacher),
+            "train/advantage": (advantage_B_T.sum() / n_tokens),
+            "train/ratio": (ratio_B_T.sum() / n_tokens),
+            **mean_stats(student_support_stats(student, loss_mask_B_T, teacher,
+                                               rollouts.completion_ids_B_T[loss_mask_B_T], cfg.top_k)),
         }
-    return ObjectiveOutput(loss=loss, metrics=metrics)
+    return ObjectiveOutput(loss=loss, metrics=to_floats(metrics))

@@ -1,0 +1,97 @@
+"""Full-vocabulary divergences and generalised JSD (GKD), METHODS.md section 0.
+
+Per loss token, with p = pi_theta(.|c_t) and q = pi_T(.|c_t) over the whole vocabulary, both computed from logits
+divided by the temperature tau (`objective.temperature`):
+
+    forward_kl   KL(pi_T || pi_theta)  = sum_v q(v) (log q(v) - log p(v))       teacher first ("mode covering")
+    reverse_kl   KL(pi_theta || pi_T)  = sum_v p(v) (log p(v) - log q(v))       student first ("mode seeking")
+    jsd          JSD_beta = beta KL(pi_T || M) + (1 - beta) KL(pi_theta || M),  M = beta q + (1 - beta) p
+
+JSD_beta itself tends to 0 at both ends; JSD_beta / beta -> KL(pi_T || pi_theta) as beta -> 0 and
+JSD_beta / (1 - beta) -> KL(pi_theta || pi_T) as beta -> 1. As in TRL's `generalized_jsd_loss`, beta = 0 and
+beta = 1 are defined as those limits: jsd with beta = 0 is forward_kl, with beta = 1 is reverse_kl, exactly.
+
+Loss = sum over loss tokens of the per-token value / number of loss tokens in the batch. The gradient reaches every
+logit of the student. GKD's data mix (student rollouts with probability lambda, else reference responses) is the
+training loop's choice of batch (`objective.gkd_lambda`), not part of these functions.
+
+Memory: the teacher's hidden states and output layer come in `TeacherScores` (scored with keep_hidden=True); both
+models' logits are made `student.chunk_size` positions at a time and each chunk is recomputed in the backward pass,
+so no (B, T, V) tensor exists for either model. Diagnostics (`div/*`, `support/*` with S = the teacher's top-K) come
+from the same chunks, at the objective's temperature.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from opdlab.config import ObjectiveConfig
+from opdlab.objectives.common import logits_of, mean_stats, run_chunks, teacher_topk_stats, to_floats, \
+    token_metrics, zero_loss
+from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherScores
+
+
+def generalized_jsd(student_logp_N_V: torch.Tensor, teacher_logp_N_V: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row JSD_beta of (pi_T, pi_theta) from log-probs; beta = 0 gives KL(pi_T || pi_theta), beta = 1 gives
+    KL(pi_theta || pi_T). Returns (N,)."""
+    logp, logq = student_logp_N_V, teacher_logp_N_V
+    if beta == 0:
+        return (logq.exp() * (logq - logp)).sum(-1)
+    if beta == 1:
+        return (logp.exp() * (logp - logq)).sum(-1)
+    log_m = torch.logaddexp(logq + math.log(beta), logp + math.log(1 - beta))
+    kl_teacher_m = (logq.exp() * (logq - log_m)).sum(-1)
+    kl_student_m = (logp.exp() * (logp - log_m)).sum(-1)
+    return beta * kl_teacher_m + (1 - beta) * kl_student_m
+
+
+def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg: ObjectiveConfig,
+                          beta: float) -> ObjectiveOutput:
+    """The shared body of forward_kl / reverse_kl / jsd: JSD_beta per loss token, chunked over positions."""
+    if teacher.hidden_B_T_H is None:
+        raise ValueError("full-vocabulary objectives need the teacher's hidden states: score(..., keep_hidden=True)")
+    mask_B_T = rollouts.loss_mask_B_T.bool()
+    n_tokens = mask_B_T.sum().clamp(min=1)
+    tau = cfg.temperature
+    hidden_N_H = student.hidden_B_T_H[mask_B_T]
+    teacher_hidden_N_H = teacher.hidden_B_T_H.to(hidden_N_H.device)[mask_B_T]
+    sampled_N = rollouts.completion_ids_B_T[mask_B_T]
+
+    def chunk(h_C_H, teacher_h_C_H, y_C):
+        logp_C_V = F.log_softmax(logits_of(student, h_C_H) / tau, dim=-1)
+        with torch.no_grad():
+            logq_C_V = F.log_softmax(logits_of(teacher, teacher_h_C_H) / tau, dim=-1)
+        loss_C = generalized_jsd(logp_C_V, logq_C_V, beta)
+        with torch.no_grad():
+            logp_det_C_V = logp_C_V.detach()
+            stats = {
+                **teacher_topk_stats(logp_det_C_V, logq_C_V, y_C, min(cfg.top_k, logq_C_V.shape[-1])),
+                "kl_teacher_student": generalized_jsd(logp_det_C_V, logq_C_V, 0.0),
+                "kl_student_teacher": generalized_jsd(logp_det_C_V, logq_C_V, 1.0),
+            }
+        return loss_C, stats
+
+    loss_N, stats_N = run_chunks(chunk, student.chunk_size, hidden_N_H, teacher_hidden_N_H, sampled_N)
+    loss = zero_loss(student) if loss_N is None else loss_N.sum() / n_tokens
+    div = {k: stats_N.pop(k) for k in ("kl_teacher_student", "kl_student_teacher") if k in stats_N}
+    metrics = {**token_metrics(rollouts, student, teacher), **mean_stats(stats_N), **mean_stats(div, "div/")}
+    return ObjectiveOutput(loss=loss, metrics=to_floats(metrics))
+
+
+def forward_kl(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
+               cfg: ObjectiveConfig) -> ObjectiveOutput:
+    """Full-vocabulary KL(pi_T || pi_theta) per token (teacher first), at objective.temperature."""
+    return full_vocab_divergence(rollouts, student, teacher, cfg, beta=0.0)
+
+
+def reverse_kl(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
+               cfg: ObjectiveConfig) -> ObjectiveOutput:
+    """Full-vocabulary KL(pi_theta || pi_T) per token (student first), at objective.temperature."""
+    return full_vocab_divergence(rollouts, student, teacher, cfg, beta=1.0)
+
+
+def jsd(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg: ObjectiveConfig) -> ObjectiveOutput:
+    """Generalised JSD_beta (GKD): beta KL(pi_T||M) + (1-beta) KL(pi_theta||M), M = beta pi_T + (1-beta) pi_theta."""
+    return full_vocab_divergence(rollouts, student, teacher, cfg, beta=cfg.beta)
