@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-trl clean
 
 $(BIN)/opdlab: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+
+bench-trl: setup
+	$(BIN)/pip install -q --no-deps -r requirements-bench.txt
+	$(BIN)/python bench/trl_compare.py --threads 1
+	$(BIN)/python bench/objective_memory.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,12 +33,13 @@ def _stats_chunk(hidden_N_H, targets_N, lm_head, vocab_size, softcap, top_k):
     logp_N = logp_N_V.gather(-1, targets_N[:, None]).squeeze(-1)
     with torch.no_grad():
         p_N_V = logp_N_V.exp()
-        entropy_N = -(p_N_V * logp_N_V).sum(-1)
         maxp_N = p_N_V.max(-1).values
+        entropy_N = -p_N_V.mul_(logp_N_V).sum(-1)  # in place: one (N, V) tensor fewer at the peak
         if top_k:
             topk_logp_N_K, topk_ids_N_K = logp_N_V.topk(top_k, dim=-1)
-        else:
-            topk_logp_N_K, topk_ids_N_K = logp_N_V[:, :0], targets_N[:, None][:, :0]
+        else:  # new empty tensors: an empty view of logp_N_V would keep the chunk's (N, V) storage alive
+            topk_logp_N_K = logp_N_V.new_zeros(len(targets_N), 0)
+            topk_ids_N_K = targets_N.new_zeros(len(targets_N), 0)
     return logp_N, entropy_N, maxp_N, topk_ids_N_K, topk_logp_N_K
 
 

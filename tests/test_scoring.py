@@ -270,3 +270,15 @@ def test_student_forward_logp_and_grad_match_unchunked(tokenizer, rollouts, chun
         torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     # the padding rows of the output layer get no gradient
     assert torch.all(model.get_output_embeddings().weight.grad[V:] == 0)
+
+
+def test_stats_without_top_k_hold_no_chunk_logits():
+    """With top_k = 0 the empty top-K results must be new tensors: empty views of a chunk's (N, V) log-probs kept
+    every chunk's storage alive until the end of `token_stats`, i.e. O(N x V) memory, what chunking is there to
+    avoid."""
+    from opdlab.logprobs import _stats_chunk
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    *_, ids_N_K, logp_N_K = _stats_chunk(torch.randn(6, 8), torch.zeros(6, dtype=torch.long), head, 50, None, 0)
+    assert ids_N_K.shape == (6, 0) and logp_N_K.shape == (6, 0)
+    assert ids_N_K.untyped_storage().nbytes() == 0 and logp_N_K.untyped_storage().nbytes() == 0

@@ -1,8 +1,10 @@
 """What the objectives share: logits chunk by chunk over loss positions, and the per-step diagnostics.
 
-`run_chunks` applies a per-chunk function to `chunk_size` rows at a time. With gradients enabled each chunk is
-checkpointed (its logits are recomputed in the backward pass), so forward and backward both hold one chunk's
-(chunk_size, V) logits, never (B, T, V).
+`run_chunks` applies a per-chunk function to `chunk_size` rows at a time. With gradients enabled each chunk's
+gradient is taken as soon as its loss is made, and its graph freed (`_SummedChunks`), so the step holds one
+chunk's (chunk_size, V) logits, never (B, T, V). Checkpointing each chunk instead would bound memory the same way
+but make every chunk twice (both models' logits and the diagnostics): about half the time of a full-vocabulary loss
+at a 150k vocabulary.
 
 Diagnostics (METHODS.md section 1), all means over loss tokens, computed under no_grad from tensors the objective
 already has; every value stays a tensor until `to_floats`, which syncs once:
@@ -26,7 +28,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from opdlab.logprobs import chunk_logits
 from opdlab.types import Rollouts, StudentOutputs, TeacherScores
@@ -43,21 +44,65 @@ def logits_of(out: StudentOutputs | TeacherScores, hidden_C_H: torch.Tensor) -> 
     return chunk_logits(hidden_C_H, out.lm_head, out.vocab_size, out.softcap)
 
 
-def run_chunks(fn: Callable, chunk_size: int, *tensors_N: torch.Tensor | None):
+class _SummedChunks(torch.autograd.Function):
+    """sum over all rows of `fn`'s per-row loss, whose gradient w.r.t. every input row and parameter is computed in
+    the forward pass, one chunk at a time: the chunk's graph (its logits, log-probs, ...) lives only while its own
+    gradient is taken. The backward pass scales the stored gradients by the incoming one; that is exact because the
+    output is the scalar sum."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk_size, stats_out, n_tensors, *inputs):
+        tensors, params = inputs[:n_tensors], inputs[n_tensors:]
+        wants = ctx.needs_input_grad[4:]
+        grads_N = [torch.zeros_like(t) if want else None for t, want in zip(tensors, wants)]
+        grads_params = [torch.zeros_like(p) if want else None for p, want in zip(params, wants[n_tensors:])]
+        N = next(t for t in tensors if t is not None).shape[0]
+        losses = []
+        with torch.enable_grad():
+            for start in range(0, N, chunk_size):
+                rows = [None if t is None else t[start:start + chunk_size].detach().requires_grad_(g is not None)
+                        for t, g in zip(tensors, grads_N)]
+                loss_C, stats_C = fn(*rows)
+                wrt = [r for r, g in zip(rows, grads_N) if g is not None] + \
+                    [p for p, g in zip(params, grads_params) if g is not None]
+                grads = iter(torch.autograd.grad(loss_C.sum(), wrt, allow_unused=True) if wrt else ())
+                for g_N in grads_N:
+                    if g_N is not None and (g_C := next(grads)) is not None:
+                        g_N[start:start + chunk_size] = g_C
+                for g_P in grads_params:
+                    if g_P is not None and (g := next(grads)) is not None:
+                        g_P += g
+                losses.append(loss_C.detach())
+                stats_out.append(stats_C)
+        ctx.grads = grads_N + grads_params
+        return torch.cat(losses).sum()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        return (None, None, None, None, *[None if g is None else g * grad_total.to(g.dtype) for g in ctx.grads])
+
+
+def run_chunks(fn: Callable, chunk_size: int, *tensors_N: torch.Tensor | None, params=()):
     """Apply `fn(*rows)` to `chunk_size` rows of every tensor at a time (None passes through as None).
 
-    `fn` returns (loss_C, stats) with `stats` a dict of (C,) tensors; the result is (loss_N, stats_N)."""
+    `fn` returns (loss_C, stats) with `loss_C` per row and `stats` a dict of (C,) tensors made without gradient; the
+    result is (loss, stats_N), `loss` the 0-d sum of loss_C over all rows, or None when there are no rows. Gradients
+    reach the tensors and `params` (the output-layer weights `fn` uses), and nothing else."""
     N = next(t for t in tensors_N if t is not None).shape[0]
-    grad = torch.is_grad_enabled()
-    losses, stats = [], []
-    for start in range(0, N, chunk_size):
-        rows = [None if t is None else t[start:start + chunk_size] for t in tensors_N]
-        loss_C, stats_C = checkpoint(fn, *rows, use_reentrant=False) if grad else fn(*rows)
-        losses.append(loss_C)
-        stats.append(stats_C)
-    if not losses:
+    if N == 0:
         return None, {}
-    return torch.cat(losses), {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
+    params = [p for p in params if p.requires_grad]
+    stats: list[dict] = []
+    if torch.is_grad_enabled() and (params or any(t is not None and t.requires_grad for t in tensors_N)):
+        loss = _SummedChunks.apply(fn, chunk_size, stats, len(tensors_N), *tensors_N, *params)
+    else:
+        losses = []
+        for start in range(0, N, chunk_size):
+            loss_C, stats_C = fn(*[None if t is None else t[start:start + chunk_size] for t in tensors_N])
+            losses.append(loss_C)
+            stats.append(stats_C)
+        loss = torch.cat(losses).sum()
+    return loss, {k: torch.cat([s[k] for s in stats]) for k in stats[0]}
 
 
 @torch.no_grad()

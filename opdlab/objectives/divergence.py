@@ -16,9 +16,9 @@ logit of the student. GKD's data mix (student rollouts with probability lambda, 
 training loop's choice of batch (`objective.gkd_lambda`), not part of these functions.
 
 Memory: the teacher's hidden states and output layer come in `TeacherScores` (scored with keep_hidden=True); both
-models' logits are made `student.chunk_size` positions at a time and each chunk is recomputed in the backward pass,
-so no (B, T, V) tensor exists for either model. Diagnostics (`div/*`, `support/*` with S = the teacher's top-K) come
-from the same chunks, at the objective's temperature.
+models' logits are made `student.chunk_size` positions at a time and each chunk's gradient is taken before the next
+chunk is made (`opdlab.objectives.common.run_chunks`), so no (B, T, V) tensor exists for either model. Diagnostics
+(`div/*`, `support/*` with S = the teacher's top-K) come from the same chunks, at the objective's temperature.
 """
 from __future__ import annotations
 
@@ -59,22 +59,28 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
     teacher_hidden_N_H = teacher.hidden_B_T_H.to(hidden_N_H.device)[mask_B_T]
     sampled_N = rollouts.completion_ids_B_T[mask_B_T]
 
+    def scaled(logits_C_V):  # (a division by 1 would still cost a pass over (C, V))
+        return logits_C_V if tau == 1 else logits_C_V / tau
+
     def chunk(h_C_H, teacher_h_C_H, y_C):
-        logp_C_V = F.log_softmax(logits_of(student, h_C_H) / tau, dim=-1)
+        logp_C_V = F.log_softmax(scaled(logits_of(student, h_C_H)), dim=-1)
         with torch.no_grad():
-            logq_C_V = F.log_softmax(logits_of(teacher, teacher_h_C_H) / tau, dim=-1)
-        loss_C = generalized_jsd(logp_C_V, logq_C_V, beta)
-        with torch.no_grad():
+            logq_C_V = F.log_softmax(scaled(logits_of(teacher, teacher_h_C_H)), dim=-1)
+            # The diagnostics come before the loss, while the loss's saved (C, V) tensors do not exist yet (a lower
+            # peak); at beta = 0 / 1 the loss is one of the two KLs, so that one is taken from it.
             logp_det_C_V = logp_C_V.detach()
-            stats = {
-                **teacher_topk_stats(logp_det_C_V, logq_C_V, y_C, min(cfg.top_k, logq_C_V.shape[-1])),
-                "kl_teacher_student": generalized_jsd(logp_det_C_V, logq_C_V, 0.0),
-                "kl_student_teacher": generalized_jsd(logp_det_C_V, logq_C_V, 1.0),
-            }
+            stats = teacher_topk_stats(logp_det_C_V, logq_C_V, y_C, min(cfg.top_k, logq_C_V.shape[-1]))
+            for key, end in (("kl_teacher_student", 0.0), ("kl_student_teacher", 1.0)):
+                if beta != end:
+                    stats[key] = generalized_jsd(logp_det_C_V, logq_C_V, end)
+        loss_C = generalized_jsd(logp_C_V, logq_C_V, beta)
+        if beta in (0.0, 1.0):
+            stats["kl_teacher_student" if beta == 0 else "kl_student_teacher"] = loss_C.detach()
         return loss_C, stats
 
-    loss_N, stats_N = run_chunks(chunk, student.chunk_size, hidden_N_H, teacher_hidden_N_H, sampled_N)
-    loss = zero_loss(student) if loss_N is None else loss_N.sum() / n_tokens
+    loss_sum, stats_N = run_chunks(chunk, student.chunk_size, hidden_N_H, teacher_hidden_N_H, sampled_N,
+                                   params=student.lm_head.parameters())
+    loss = zero_loss(student) if loss_sum is None else loss_sum / n_tokens
     div = {k: stats_N.pop(k) for k in ("kl_teacher_student", "kl_student_teacher") if k in stats_N}
     metrics = {**token_metrics(rollouts, student, teacher), **mean_stats(stats_N), **mean_stats(div, "div/")}
     return ObjectiveOutput(loss=loss, metrics=to_floats(metrics))

@@ -19,9 +19,10 @@ summed over loss tokens and divided by the number of loss tokens in the batch. T
                           -A_t * ratio_t,  A_t = -kappa (log pi_old(y_t) - log pi_T(y_t)),
                           ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))   (kappa = objective.kl_coef; no clip)
 
-The student's logits are made chunk by chunk from its hidden states (checkpointed, so backward holds one chunk),
-gathered at S; its top-K (for student_topk and the overlap diagnostic) comes from the same chunk. Rollouts for this
-objective default to top-p 0.9 (`rollout.top_p`). Diagnostics: those of `opdlab.objectives.common` on this S, and
+The student's logits are made chunk by chunk from its hidden states (each chunk's gradient is taken before the next
+chunk is made, `opdlab.objectives.common.run_chunks`, so the step holds one chunk), gathered at S; its top-K (for
+student_topk and the overlap diagnostic) comes from the same chunk. Rollouts for this objective default to top-p 0.9
+(`rollout.top_p`). Diagnostics: those of `opdlab.objectives.common` on this S, and
 for head_tail the two parts of the loss, `support/head_loss` and `support/tail_loss`.
 """
 from __future__ import annotations
@@ -103,8 +104,9 @@ def lsm(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg
                               sampled_topk="student" if support == "student_topk" else "teacher")
         return loss_C, stats
 
-    loss_N, stats_N = run_chunks(chunk, student.chunk_size, hidden_N_H, sampled_N, *teacher_in)
-    head = zero_loss(student) if loss_N is None else loss_N.sum()
+    loss_sum, stats_N = run_chunks(chunk, student.chunk_size, hidden_N_H, sampled_N, *teacher_in,
+                                   params=student.lm_head.parameters())
+    head = zero_loss(student) if loss_sum is None else loss_sum
     metrics = {**token_metrics(rollouts, student, teacher)}
     if support == "head_tail":
         outside_B_T = mask_B_T & ~(teacher.topk_ids_B_T_K[..., :K] == rollouts.completion_ids_B_T[..., None]).any(-1)
