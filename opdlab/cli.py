@@ -7,6 +7,7 @@
     opdlab eval [CONFIG.yaml] [k=v ...]      mean@k / pass@k of a model on a task, by response length
     opdlab objectives                        the objective table
     opdlab report RUN_DIR                    redraw a run's plots from its files
+    opdlab compare [--objectives ...] [k=v]  several objectives from the same student, several seeds, one table
     opdlab toy estimators [--quick ...]      the gamma-interpolated estimator bias/variance toy study
 
 Every command that takes a config also takes dotted overrides (`train.lr=3e-4 rollout.top_p=0.9`); `--help` lists
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the objectives")
     r = sub.add_parser("report", help="redraw a run's plots")
     r.add_argument("run_dir")
+    c = sub.add_parser("compare", help="objectives side by side from the same student (`opdlab compare --help`)")
+    c.add_argument("compare_args", nargs=argparse.REMAINDER, help="--objectives, --seeds, --out, key=value overrides")
     toy = sub.add_parser("toy", help="small controlled studies (`opdlab toy estimators --help`)")
     toy.add_argument("study", choices=["estimators"], help="which study")
     toy.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's own flags")
@@ -134,6 +137,9 @@ def _dispatch(args) -> int:
         from opdlab.objectives import OBJECTIVES
         for name, fn in sorted(OBJECTIVES.items()):
             console.print(f"[bold]{name}[/bold]: {(fn.__doc__ or fn.__module__).strip().splitlines()[0]}")
+    elif args.command == "compare":
+        from opdlab.compare import main as compare_main
+        return compare_main(args.compare_args)
     elif args.command == "toy":
         from opdlab.toy.estimators import main as estimators_main
         return estimators_main(args.study_args)

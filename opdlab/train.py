@@ -119,7 +119,7 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     logger = MetricsLogger(run_dir, start_step=start_step)
 
     bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
-               desc="opd", disable=not progress, dynamic_ncols=True)
+               desc=cfg.objective.name, disable=not progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         # 1. rollouts from the current student (or, for GKD's off-policy share, the task's reference responses)
