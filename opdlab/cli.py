@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the objectives")
     r = sub.add_parser("report", help="redraw a run's plots")
     r.add_argument("run_dir")
-    c = sub.add_parser("compare", help="objectives side by side from the same student (`opdlab compare --help`)")
-    c.add_argument("compare_args", nargs=argparse.REMAINDER, help="--objectives, --seeds, --out, key=value overrides")
+    # listed for --help only: main() hands `compare` its arguments before this parser sees them
+    sub.add_parser("compare", help="objectives side by side from the same student (`opdlab compare --help`)")
     toy = sub.add_parser("toy", help="small controlled studies (`opdlab toy estimators --help`)")
     toy.add_argument("study", choices=["estimators"], help="which study")
     toy.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's own flags")
@@ -91,9 +91,18 @@ def _config_and_overrides(config: str | None, overrides: list[str], model):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `compare` parses its own arguments: argparse.REMAINDER cannot start with an option (`--objectives ...`)
+    if argv[:1] == ["compare"]:
+        from opdlab.compare import main as compare_main
+        return _guarded(lambda: compare_main(argv[1:]))
     args = _parser().parse_args(argv)
+    return _guarded(lambda: _dispatch(args))
+
+
+def _guarded(run) -> int:
     try:
-        return _dispatch(args)
+        return run()
     except ConfigError as e:
         print(f"opdlab: {e}", file=sys.stderr)
         return 2
@@ -137,9 +146,6 @@ def _dispatch(args) -> int:
         from opdlab.objectives import OBJECTIVES
         for name, fn in sorted(OBJECTIVES.items()):
             console.print(f"[bold]{name}[/bold]: {(fn.__doc__ or fn.__module__).strip().splitlines()[0]}")
-    elif args.command == "compare":
-        from opdlab.compare import main as compare_main
-        return compare_main(args.compare_args)
     elif args.command == "toy":
         from opdlab.toy.estimators import main as estimators_main
         return estimators_main(args.study_args)

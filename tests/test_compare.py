@@ -29,3 +29,12 @@ def test_compare_runs_each_objective_and_reports_final_accuracy(model_dirs, tmp_
     task = make_task(TaskConfig(min_steps=1, max_steps=1))
     again = evaluate(model, tok, task, EvalConfig(num_problems=3, k=2, max_new_tokens=8), seed=1, progress=False)
     assert results["runs"]["lsm"][1]["after"] == again.mean_at_k
+
+
+def test_cli_compare_takes_options_first_and_reports_config_errors(capsys):
+    from opdlab.cli import main
+
+    # options before the overrides reach compare's own parser; a bad override fails before any model is touched
+    assert main(["compare", "--objectives", "opd", "--seeds", "1", "objective.name=bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.name" in err and "bogus" in err and "allowed" in err
