@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench bench-trl clean
+.PHONY: setup demo test bench bench-trl bench-tree clean
 
 $(BIN)/opdlab: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ bench-trl: setup
 	$(BIN)/pip install -q --no-deps -r requirements-bench.txt
 	$(BIN)/python bench/trl_compare.py --threads 1
 	$(BIN)/python bench/objective_memory.py
+
+bench-tree: setup
+	$(BIN)/python bench/tree_attention.py --threads 1 --naive-max 100
 
 clean:
 	rm -rf $(VENV) runs

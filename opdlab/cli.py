@@ -8,7 +8,11 @@
     opdlab objectives                        the objective table
     opdlab report RUN_DIR                    redraw a run's plots from its files
     opdlab compare [--objectives ...] [k=v]  several objectives from the same student, several seeds, one table
+    opdlab compare-privileged [--seeds ...]  SFT vs privileged OPD vs AR-OPD on the built-in task (privileged teacher)
     opdlab toy estimators [--quick ...]      the gamma-interpolated estimator bias/variance toy study
+    opdlab serve-teacher MODEL [--port ...]  serve a teacher's prompt log-probs over HTTP (vLLM's completions API)
+    opdlab diagnose fidelity [CONFIG] [k=v]  supervision fidelity decay: teacher max-prob by position, continuations
+    opdlab diagnose alignment [CONFIG] [k=v] gradient alignment of distillation signals with the success gradient
 
 Every command that takes a config also takes dotted overrides (`train.lr=3e-4 rollout.top_p=0.9`); `--help` lists
 every field with its type, default and meaning.
@@ -35,6 +39,23 @@ class EvalRunConfig(_Section):
     seed: int = Field(0, description="Sampling seed.")
     output: str | None = Field(None, description="Write the result as JSON here (default: print only).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
+
+
+# `opdlab diagnose NAME`: NAME -> (module, one-line help). Each module exposes CONFIG (its typed config class) and
+# run_diagnostic(cfg, console); adding a diagnostic is one entry here.
+DIAGNOSTICS = {
+    "fidelity": ("opdlab.diagnostics.fidelity",
+                 "supervision fidelity decay: teacher max-prob F(t) by position on student vs teacher prefixes, "
+                 "teacher accuracy from cut student prefixes, logistic fit"),
+    "alignment": ("opdlab.diagnostics.alignment",
+                  "gradient alignment: cosine between each signal's logit descent direction and the ideal gradient "
+                  "of success from targeted rollouts, per token, question and teacher/context"),
+}
+
+
+def _diagnostic_module(name: str):
+    import importlib
+    return importlib.import_module(DIAGNOSTICS[name][0])
 
 
 def fields_help(model) -> str:
@@ -79,9 +100,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     # listed for --help only: main() hands `compare` its arguments before this parser sees them
     sub.add_parser("compare", help="objectives side by side from the same student (`opdlab compare --help`)")
+    sub.add_parser("compare-privileged", help="SFT, privileged OPD and AR-OPD side by side "
+                   "(`opdlab compare-privileged --help`)")
+    st = sub.add_parser("serve-teacher", help="serve a teacher's prompt log-probs over HTTP (remote_teacher.url)",
+                        description="Serves MODEL's prompt log-probs with the request/response shape of vLLM's "
+                        "OpenAI-compatible /v1/completions endpoint (see opdlab.serve).")
+    st.add_argument("model", help="local directory, hub id or builtin:teacher")
+    st.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    st.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the address is printed)")
+    st.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    st.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    st.add_argument("--served-model-name", default=None, help="the name requests must use (default: MODEL)")
+    st.add_argument("--max-logprobs", type=int, default=64, help="largest top-K a request may ask for")
+    st.add_argument("--chunk-size", type=int, default=1024, help="positions per chunk of output-layer logits")
     toy = sub.add_parser("toy", help="small controlled studies (`opdlab toy estimators --help`)")
     toy.add_argument("study", choices=["estimators"], help="which study")
     toy.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's own flags")
+    dg = sub.add_parser("diagnose", help="diagnostics of a teacher/student pair (`opdlab diagnose NAME --help`)")
+    dg_sub = dg.add_subparsers(dest="diagnostic", required=True)
+    for name, (_, what) in DIAGNOSTICS.items():
+        x = dg_sub.add_parser(name, help=what, description=what, formatter_class=fmt,
+                              epilog=fields_help(_diagnostic_module(name).CONFIG))
+        x.add_argument("args", nargs="*", help="optional YAML config, then dotted key=value overrides")
     return p
 
 
@@ -96,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         from opdlab.compare import main as compare_main
         return _guarded(lambda: compare_main(argv[1:]))
+    if argv[:1] == ["compare-privileged"]:
+        from opdlab.privileged_compare import main as privileged_main
+        return _guarded(lambda: privileged_main(argv[1:]))
     args = _parser().parse_args(argv)
     return _guarded(lambda: _dispatch(args))
 
@@ -112,9 +155,10 @@ def _guarded(run) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line; OPDLAB_DEBUG=1 shows the trace
         from opdlab.models import ModelLoadError
+        from opdlab.remote_teacher import RemoteTeacherError
         from opdlab.train import TrainingError
         if os.environ.get("OPDLAB_DEBUG") or not isinstance(e, (ModelLoadError, TrainingError, ValueError,
-                                                                  FileNotFoundError)):
+                                                                  FileNotFoundError, RemoteTeacherError)):
             raise
         print(f"opdlab: {e}", file=sys.stderr)
         return 1
@@ -134,8 +178,10 @@ def _dispatch(args) -> int:
         from opdlab.train import train
         cfg = _config_and_overrides(args.config, args.overrides, RunConfig)
         run_dir = train(cfg, resume=args.resume)
-        from opdlab.report import plot_training_curves
-        console.print(f"run written to {run_dir}; curves: {plot_training_curves(run_dir)}")
+        from accelerate import PartialState
+        if PartialState().is_main_process:  # under torchrun / accelerate launch, one process draws
+            from opdlab.report import plot_training_curves
+            console.print(f"run written to {run_dir}; curves: {plot_training_curves(run_dir)}")
     elif args.command == "sft":
         from opdlab.sft import SFTConfig, run_sft
         cfg = _config_and_overrides(args.config, args.overrides, SFTConfig)
@@ -146,12 +192,21 @@ def _dispatch(args) -> int:
         from opdlab.objectives import OBJECTIVES
         for name, fn in sorted(OBJECTIVES.items()):
             console.print(f"[bold]{name}[/bold]: {(fn.__doc__ or fn.__module__).strip().splitlines()[0]}")
+    elif args.command == "serve-teacher":
+        from opdlab.serve import serve
+        serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+              name=args.served_model_name, max_logprobs=args.max_logprobs, chunk_size=args.chunk_size)
     elif args.command == "toy":
         from opdlab.toy.estimators import main as estimators_main
         return estimators_main(args.study_args)
+    elif args.command == "diagnose":
+        module = _diagnostic_module(args.diagnostic)
+        items = list(args.args)
+        config = items.pop(0) if items and "=" not in items[0] else None
+        module.run_diagnostic(_config_and_overrides(config, items, module.CONFIG), console)
     elif args.command == "report":
-        from opdlab.report import plot_training_curves
-        console.print(f"wrote {plot_training_curves(args.run_dir)}")
+        from opdlab.report import redraw_run
+        console.print(f"wrote {', '.join(str(p) for p in redraw_run(args.run_dir))}")
     return 0
 
 

@@ -61,6 +61,7 @@ def run_compare(objectives: list[str], seeds: list[int], overrides: list[str], o
     student, tok = load_model(base.student, device)
     before = {s: evaluate(student, tok, task, base.eval, seed=s, progress=False).mean_at_k for s in seeds}
     del student
+    console.print(f"student before: mean@{k} " + ", ".join(f"{v:.1%} (seed {s})" for s, v in before.items()))
     results: dict = {"config": base.model_dump(mode="json"), "k": k, "before": before, "runs": {}}
     for name in objectives:
         extra = DEFAULT_OBJECTIVES.get(name, [])
@@ -135,5 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config, e.g. train.steps=30")
     args = p.parse_args(argv)
-    run_compare(args.objectives, list(range(args.seeds)), args.overrides, Path(args.out))
+    # `--objectives opd lsm train.lr=1e-4`: the list option swallows what follows it; key=value items are overrides
+    objectives = [o for o in args.objectives if "=" not in o]
+    overrides = [o for o in args.objectives if "=" in o] + args.overrides
+    if not objectives:
+        p.error("--objectives needs at least one objective name")
+    run_compare(objectives, list(range(args.seeds)), overrides, Path(args.out))
     return 0

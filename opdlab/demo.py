@@ -54,9 +54,15 @@ def is_prepared(name: str) -> bool:
     saved = builtin_dir(name) / "sft_config.yaml"
     if not saved.is_file():
         return False
+    from opdlab.sft import SFTConfig
+
     want = _sft_config(name).model_dump(mode="json")
-    have = yaml.safe_load(saved.read_text())
-    return {k: v for k, v in have.items() if k != "device"} == {k: v for k, v in want.items() if k != "device"}
+    try:  # through the model, so a field added since (with its default) does not invalidate the cache
+        have = SFTConfig(**yaml.safe_load(saved.read_text())).model_dump(mode="json")
+    except (TypeError, ValueError):
+        return False
+    where = ("device", "output_dir")  # a moved cache ($OPDLAB_CACHE) or another device is the same recipe
+    return {k: v for k, v in have.items() if k not in where} == {k: v for k, v in want.items() if k not in where}
 
 
 def prepare_builtin(force: bool = False, console: Console | None = None) -> None:

@@ -14,7 +14,8 @@ numbers each sequence draws).
     rich.print(comparison_table({"teacher": r_t, "student before": r_0, "student after": r_1}))
 
 Definitions:
-  * reward: `task.verify(problem, response)` in [0, 1]; a sample is *correct* when its reward is >= 1.
+  * reward: `task.verify(problem, response)` in [0, 1] (a batch at a time, `task.verify_batch`); a sample is
+    *correct* when its reward is >= 1.
   * mean@k: the mean reward over all k samples of all problems.
   * pass@k, pass@1: the mean over problems of the unbiased estimator `pass_at_k(k, correct, k or 1)`.
   * response length: completion tokens, counting the stop token when the model emitted one.
@@ -176,6 +177,10 @@ class EvalResult:
         table.add_row("pass@1", _pct(self.pass_at_1), "")
         table.add_row("mean length (tokens)", f"{self.mean_length:.1f}", "")
         table.add_row("truncated", _pct(self.truncated_frac), "", end_section=True)
+        for key in ("shortcut_rate", "step_err_first_quarter", "step_err_last_quarter"):
+            if key in self.extra:
+                table.add_row(key.replace("_", " "), _pct(self.extra[key]), "",
+                              end_section=key.endswith("last_quarter"))
         for b in self.buckets:
             table.add_row(f"mean reward, length {b.label}", _pct(b.mean_reward), str(b.count))
         return table
@@ -283,6 +288,7 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
     lengths = [[] for _ in problems]
     truncated = [[] for _ in problems]
     texts: list[str | None] = [None] * len(problems)
+    all_texts: list[str] = [""] * len(flat)  # every sample's text, for the hindsight diagnostics
 
     was_training = model.training
     model.eval()
@@ -295,10 +301,12 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
                                   temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
                                   vocab_size=vocab_size)
                 lens, truncs = _lengths_and_truncation(rollouts, stops, cfg.max_new_tokens)
-                for (i, p), text, n, t in zip(chunk, rollouts.texts, lens, truncs, strict=True):
+                all_texts[lo:lo + len(chunk)] = rollouts.texts
+                graded = task.verify_batch([p for _, p in chunk], rollouts.texts)
+                for (i, p), text, n, t, r in zip(chunk, rollouts.texts, lens, truncs, graded, strict=True):
                     if texts[i] is None and i < keep_texts:
                         texts[i] = text
-                    rewards[i].append(float(task.verify(p, text)))
+                    rewards[i].append(float(r))
                     lengths[i].append(int(n))
                     truncated[i].append(bool(t))
                 bar.advance(job, len(chunk))
@@ -320,7 +328,18 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
         mean_length=_mean(all_lengths),
         truncated_frac=_mean([float(t) for rec in records for t in rec.truncated]),
         buckets=buckets, records=records, wall_s=time.perf_counter() - start,
+        extra=hindsight_extra([p for _, p in flat], all_texts),
     )
+
+
+def hindsight_extra(problems: list[Problem], texts: list[str]) -> dict[str, float]:
+    """Shortcut-event rate per sample and step error rates by quarter (`opdlab.hindsight`), where they apply."""
+    from opdlab.hindsight import rollout_diagnostics
+
+    names = {"leak/shortcut_rate": "shortcut_rate", "leak/events_per_rollout": "shortcut_events_per_rollout",
+             "drift/step_err_first_quarter": "step_err_first_quarter",
+             "drift/step_err_last_quarter": "step_err_last_quarter"}
+    return {names[k]: v for k, v in rollout_diagnostics(problems, texts).items()}
 
 
 def _mean(xs: Sequence[float]) -> float:

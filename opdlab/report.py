@@ -6,7 +6,7 @@ metric, most important first, at most `max_panels`. A truncated last line, as a 
 `plot_eval_by_length(results, path)` draws accuracy and sample counts per response-length bucket for several
 evaluated models.
 
-    python -m opdlab.report RUN_DIR        # writes RUN_DIR/curves.png
+    python -m opdlab.report RUN_DIR        # writes RUN_DIR/curves.png (and the plots of any diagnostic JSON there)
 
 Figures are drawn on matplotlib's Agg canvas directly, so importing this module never touches pyplot's global
 backend or needs a display.
@@ -191,12 +191,36 @@ def plot_eval_by_length(results: dict[str, EvalResult], path: str | Path) -> Pat
     return path
 
 
+# Diagnostics that write a JSON file into their run directory, and the function that redraws their plots from it
+# ("module:function", called with the run directory, returning the image paths).
+DIAGNOSTIC_PLOTS = {
+    "alignment.json": "opdlab.diagnostics.alignment_plots:redraw",
+}
+
+
+def redraw_run(run_dir: str | Path) -> list[Path]:
+    """Every plot a run directory's files allow, redrawn without recomputing: the training curves from
+    metrics.jsonl and each diagnostic's plots from its JSON (`DIAGNOSTIC_PLOTS`)."""
+    import importlib
+
+    run_dir = Path(run_dir)
+    paths = [plot_training_curves(run_dir)] if (run_dir / METRICS_FILE).is_file() else []
+    for name, target in DIAGNOSTIC_PLOTS.items():
+        if (run_dir / name).is_file():
+            module, function = target.split(":")
+            paths += getattr(importlib.import_module(module), function)(run_dir)
+    if not paths:
+        raise FileNotFoundError(f"nothing to draw in {run_dir}: no {METRICS_FILE} and none of "
+                                f"{', '.join(DIAGNOSTIC_PLOTS)}; is it a run directory?")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m opdlab.report RUN_DIR", file=sys.stderr)
         return 2
-    print(plot_training_curves(args[0]))
+    print("\n".join(str(p) for p in redraw_run(args[0])))
     return 0
 
 

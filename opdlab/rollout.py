@@ -28,11 +28,23 @@ def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_B_V.masked_fill(drop, float("-inf"))
 
 
+def _draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row: from one shared generator, or from each row's own."""
+    if isinstance(generator, list):
+        if len(generator) != len(probs_B_V):
+            raise ValueError(f"sample(): {len(generator)} generators for {len(probs_B_V)} rows; pass one per row")
+        return torch.cat([torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_B_V, generator)])
+    return torch.multinomial(probs_B_V, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, generator: torch.Generator | None = None, vocab_size: int | None = None,
-           prompts: list[str] | None = None) -> Rollouts:
-    """One completion per problem (repeat problems for several samples). Greedy when temperature == 0."""
+           top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
+           vocab_size: int | None = None, prompts: list[str] | None = None) -> Rollouts:
+    """One completion per problem (repeat problems for several samples). Greedy when temperature == 0.
+
+    `generator` may be a list with one generator per problem: each row then draws only from its own, so its tokens
+    do not depend on which other rows share the batch (how a multi-process run matches a single-process one)."""
     device = next(model.parameters()).device
     prompts = prompts or [render_prompt(tokenizer, p.question) for p in problems]
     prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts))
@@ -57,7 +69,7 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
             sampler_logp_B_V = logp_B_V
         else:
             sampler_logp_B_V = F.log_softmax(top_p_filter(logits_B_V / temperature, top_p), dim=-1)
-            tok_B = torch.multinomial(sampler_logp_B_V.exp(), 1, generator=generator).squeeze(-1)
+            tok_B = _draw(sampler_logp_B_V.exp(), generator)
         tok_B = torch.where(alive_B, tok_B, torch.full_like(tok_B, pad))
         tokens.append(tok_B)
         logp_old.append(logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))

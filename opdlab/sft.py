@@ -38,17 +38,24 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Sequences per step.")
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW, linear warm-up then cosine decay).")
     warmup_steps: int = Field(20, ge=0, description="Warm-up steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR schedule after warm-up.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description=(
+        "Floor of the decay, as a fraction of the peak learning rate. A floor above 0 ends the warm start at a "
+        "learning rate it has been stable at, so later fine-tuning at that rate does not knock it off a sharp "
+        "minimum."))
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed of initialisation and data order.")
     output_dir: str = Field("runs/sft", description="Where the fine-tuned model is saved (save_pretrained).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
 
 
-def sft_batch(tokenizer, task, problems, device):
-    """(input_ids, attention_mask, labels) with labels = -100 on the prompt and on padding."""
+def sft_batch(tokenizer, task, problems, device, questions: list[str] | None = None):
+    """(input_ids, attention_mask, labels) with labels = -100 on the prompt and on padding. `questions` replaces
+    the problems' own question texts in the prompts (e.g. a privileged view of the problem)."""
     rows = []
-    for p in problems:
-        prompt = tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"]
+    for i, p in enumerate(problems):
+        question = p.question if questions is None else questions[i]
+        prompt = tokenizer(render_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
         target = tokenizer(task.target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append((prompt + target, [-100] * len(prompt) + target))
     L = max(len(ids) for ids, _ in rows)
@@ -74,8 +81,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
     task = make_task(cfg.task)
     stream = ProblemStream(task.problems("train"), seed=cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched_cfg = type("S", (), dict(warmup_steps=cfg.warmup_steps, steps=cfg.steps, schedule="cosine"))
-    scheduler = make_scheduler(optimizer, sched_cfg)
+    scheduler = make_scheduler(optimizer, cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     log = []

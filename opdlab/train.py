@@ -8,10 +8,16 @@ its table entry asks the teacher for). With `objective.gkd_lambda` < 1 a step tr
 1 - lambda, on the task's reference responses instead of student rollouts (GKD), a draw from the run's seeded
 sampler so a resumed run makes the same choices. Special tokens are masked out of every objective's loss
 (`opdlab.masking`).
+
+The same loop runs as one process or as several under `accelerate launch` (DDP): each process takes its share
+of the step's prompts, every rollout row draws from its own seeded generator, losses are weighted by the global
+loss-token count, metrics are summed over processes, and the main process alone logs and writes checkpoints, which
+any process count that divides `rollout.prompts_per_step` resumes (`opdlab.distributed`). The teacher may be
+served over HTTP (`remote_teacher.url`, `opdlab.remote_teacher`) and rollouts may come from vLLM
+(`rollout.backend`, `opdlab.samplers`).
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -23,15 +29,20 @@ from tqdm.auto import tqdm
 
 from opdlab.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from opdlab.config import RunConfig, save_config
+from opdlab.distributed import (PreparedStudent, StudentDecoder, global_sum, loss_scale, make_accelerator, row_seeds,
+                                shard, sum_dicts)
+from opdlab.hindsight import rollout_diagnostics
 from opdlab.logprobs import student_forward
 from opdlab.models import check_compatible, load_model
 from opdlab.masking import masked_token_ids, with_loss_mask
 from opdlab.objectives import OBJECTIVES, as_objective
+from opdlab.privileged import make_teacher, score_views
 from opdlab.prompts import stop_token_ids
-from opdlab.rollout import reference_rollouts, sample
+from opdlab.remote_teacher import connect_teacher
+from opdlab.rollout import reference_rollouts
+from opdlab.samplers import make_sampler
 from opdlab.tasks import make_task
 from opdlab.tasks.base import ProblemStream
-from opdlab.teacher import score
 from opdlab.tracking import MetricsLogger
 
 
@@ -56,10 +67,11 @@ def make_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        floor = cfg.min_lr_ratio
         if cfg.schedule == "linear":
-            return max(0.0, 1.0 - progress)
+            return floor + (1.0 - floor) * max(0.0, 1.0 - progress)
         if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -87,14 +99,23 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     if not resume and latest_checkpoint(ckpt_root) is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                             f"or choose another run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    device = resolve_device(cfg.device)
+    accelerator = make_accelerator(cfg.device)  # this process of `accelerate launch` / `torchrun`, or the only one
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
     seed_everything(cfg.train.seed)
 
     student, tokenizer = load_model(cfg.student, device, trainable=True)
-    teacher, teacher_tokenizer = load_model(cfg.teacher, device)
-    pairing = check_compatible(student, tokenizer, teacher, teacher_tokenizer)
+    ema_teacher = None  # privileged self-teachers: a frozen or EMA copy of the initial student (opdlab.privileged)
+    if cfg.remote_teacher.url:  # served over HTTP (opdlab serve-teacher, vLLM): never loaded here
+        teacher, teacher_tokenizer = connect_teacher(cfg), tokenizer
+    elif cfg.privileged.teacher == "external":
+        teacher, teacher_tokenizer = load_model(cfg.teacher, device)
+    else:
+        (teacher, ema_teacher), teacher_tokenizer = make_teacher(cfg.privileged, student), tokenizer
+    pairing = check_compatible(student, tokenizer, student if cfg.remote_teacher.url else teacher, teacher_tokenizer)
     task = make_task(cfg.task)
     objective = as_objective(OBJECTIVES[cfg.objective.name])
     teacher_request = objective.teacher_request(cfg.objective)
@@ -116,53 +137,88 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         stream.position, start_step, bad_steps = state["data_position"], state["step"], state["bad_steps"]
-    logger = MetricsLogger(run_dir, start_step=start_step)
+        if ema_teacher is not None:
+            ema_teacher.load_state_dict(state["ema_teacher"])
+    # the differentiable forward goes through the DDP wrapper; sampling, eval and checkpoints use `student`
+    prepared, optimizer = accelerator.prepare(StudentDecoder(student), optimizer)
+    trained = PreparedStudent(student, prepared)
+    sampler = make_sampler(cfg.rollout, student, tokenizer, pairing.vocab_size, cfg.student.path)
+    logger = MetricsLogger(run_dir, start_step=start_step) if main else None
+    # supervision fidelity decay of the teacher on the current student's prefixes (opdlab.diagnostics.fidelity)
+    fidelity_probe = None
+    if cfg.train.fidelity_every and main:
+        from opdlab.diagnostics.fidelity import FidelityProbe
+        fidelity_probe = FidelityProbe(teacher, tokenizer, task, cfg.fidelity, run_dir=run_dir, seed=cfg.train.seed,
+                                       vocab_size=pairing.vocab_size, chunk_size=cfg.scoring.chunk_size,
+                                       start_step=start_step)
 
     bar = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
-               desc=cfg.objective.name, disable=not progress, dynamic_ncols=True)
+               desc=cfg.objective.name, disable=not progress or not main, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         # 1. rollouts from the current student (or, for GKD's off-policy share, the task's reference responses)
-        problems = [p for p in stream.take(cfg.rollout.prompts_per_step) for _ in range(cfg.rollout.samples_per_prompt)]
+        # this process's share of the step's prompts; row r of the global batch samples with seed (seed, step, r)
+        prompts, first = shard(stream.take(cfg.rollout.prompts_per_step), accelerator.num_processes,
+                               accelerator.process_index)
+        problems = [p for p in prompts for _ in range(cfg.rollout.samples_per_prompt)]
         on_policy = cfg.objective.gkd_lambda >= 1 or \
             torch.rand(1, generator=generator, device=device).item() < cfg.objective.gkd_lambda
         if on_policy:
-            rollouts = sample(student, tokenizer, problems, max_new_tokens=cfg.rollout.max_new_tokens,
-                              temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, generator=generator,
-                              vocab_size=pairing.vocab_size)
+            rollouts = sampler.sample(problems, row_seeds(cfg.train.seed, step, first * cfg.rollout.samples_per_prompt,
+                                                          len(problems)))
         else:
             rollouts = reference_rollouts(student, tokenizer, problems, [task.target(p) for p in problems],
                                           max_new_tokens=cfg.rollout.max_new_tokens, vocab_size=pairing.vocab_size,
                                           chunk_size=cfg.scoring.chunk_size)
         rollouts = with_loss_mask(rollouts, masked_ids)
-        rewards = [task.verify(p, text) for p, text in zip(problems, rollouts.texts)]
+        rewards = task.verify_batch(problems, rollouts.texts)
         t1 = time.perf_counter()
         # 2. the teacher's view of every sampled token (plus what the objective asked for: top-K, hidden states)
-        scores = score(teacher, rollouts, pairing.vocab_size, top_k=max(cfg.scoring.top_k, teacher_request.top_k),
-                       chunk_size=cfg.scoring.chunk_size, keep_hidden=teacher_request.hidden)
+        # under the teacher's context(s): privileged.view (by default the student's own prompt), or both views of
+        # the oracle trace in one pass when the objective asks for them (scores.partial); the lookahead objective
+        # also gets the student's top-K candidates at its high-entropy positions scored one step ahead, in the
+        # same teacher passes (opdlab.tree_attention)
+        views = ("full", "partial") if teacher_request.both_views else (cfg.privileged.view,)
+        scores = score_views(teacher, tokenizer, rollouts, views, cfg.privileged, pairing.vocab_size,
+                             top_k=max(cfg.scoring.top_k, teacher_request.top_k), chunk_size=cfg.scoring.chunk_size,
+                             keep_hidden=teacher_request.hidden, lookahead=teacher_request.lookahead,
+                             student=student if teacher_request.lookahead is not None else None)
         t2 = time.perf_counter()
-        # 3. loss and update, accumulated over micro-batches, normalised by the whole batch's loss-token count
+        # 3. loss and update, accumulated over micro-batches, normalised by the loss-token count of the whole batch,
+        # every process's share included (the loss is scaled by the process count because DDP averages gradients)
         optimizer.zero_grad(set_to_none=True)
-        total_tokens = max(rollouts.num_loss_tokens, 1)
+        total_tokens = max(global_sum(accelerator, rollouts.num_loss_tokens, device), 1)
         metric_sums: dict[str, float] = {}
         metric_weights: dict[str, float] = {}
         loss_total, student_entropy = 0.0, 0.0
         for mb in micro_batches(len(problems), cfg.train.micro_batch_size):
             r_mb = rollouts.select(mb)
             weight = r_mb.num_loss_tokens / total_tokens
-            s_mb = student_forward(student, r_mb, pairing.vocab_size, cfg.scoring.chunk_size)
+            s_mb = student_forward(trained, r_mb, pairing.vocab_size, cfg.scoring.chunk_size)
             out = objective(r_mb, s_mb, scores.select(mb), cfg.objective)
-            (out.loss * weight).backward()
+            (out.loss * (weight * loss_scale(accelerator))).backward()
             student_entropy += (s_mb.entropy_B_T * r_mb.loss_mask_B_T).sum().item() / total_tokens
             loss_total += out.loss.item() * weight
             for k, v in out.metrics.items():  # a micro-batch may lack a metric (e.g. an empty position bucket)
                 metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
                 metric_weights[k] = metric_weights.get(k, 0.0) + weight
-        step_metrics = {k: metric_sums[k] / metric_weights[k] for k in metric_sums if metric_weights[k] > 0}
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip).item()
+        # the step's numbers summed over processes: token-weighted shares, plus counts for the batch means below
+        mask_B_T = rollouts.completion_mask_B_T.bool()
+        total = sum_dicts(accelerator, {
+            "loss": loss_total, "student_entropy": student_entropy, "rows": len(problems), "reward": sum(rewards),
+            "tokens": rollouts.num_tokens, "loss_tokens": rollouts.num_loss_tokens,
+            "teacher_entropy": scores.entropy_B_T[mask_B_T].sum().item(),
+            "teacher_maxp": scores.maxp_B_T[mask_B_T].sum().item(),
+            **{f"sum:{k}": v for k, v in metric_sums.items()}, **{f"weight:{k}": v for k, v in metric_weights.items()}})
+        loss_total = total["loss"]
+        step_metrics = {k: total[f"sum:{k}"] / total[f"weight:{k}"] for k in metric_sums if total[f"weight:{k}"] > 0}
+        grad_norm = accelerator.clip_grad_norm_(prepared.parameters(), cfg.train.grad_clip).item()
         if math.isfinite(loss_total) and math.isfinite(grad_norm):
             optimizer.step()
             bad_steps = 0
+            if ema_teacher is not None:
+                ema_teacher.update(student)
+            sampler.push_weights(student)  # a vLLM engine samples the next step from the new weights
         else:  # never let a NaN/inf reach the weights: skip the update, stop if it keeps happening
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
@@ -173,27 +229,33 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         scheduler.step()
         t3 = time.perf_counter()
 
-        mask_B_T = rollouts.completion_mask_B_T.bool()
         metrics = {
             "train/loss": loss_total, **step_metrics,
             # reward of student rollouts only: a GKD step on reference responses logs none
-            **({"train/reward": float(np.mean(rewards))} if on_policy else {}), "train/on_policy": float(on_policy),
-            "train/response_len": rollouts.completion_mask_B_T.sum(1).float().mean().item(),
-            "train/masked_frac": 1.0 - rollouts.num_loss_tokens / max(rollouts.num_tokens, 1),
+            **({"train/reward": total["reward"] / total["rows"]} if on_policy else {}),
+            "train/on_policy": float(on_policy),
+            "train/response_len": total["tokens"] / total["rows"],
+            "train/masked_frac": 1.0 - total["loss_tokens"] / max(total["tokens"], 1),
             "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
             "train/skipped": float(bad_steps > 0),
-            "teacher/entropy": scores.entropy_B_T[mask_B_T].mean().item(),
-            "teacher/maxp": scores.maxp_B_T[mask_B_T].mean().item(),
-            "student/entropy": student_entropy,
-            "perf/tokens_per_s": rollouts.num_tokens / (t3 - t0),
+            "teacher/entropy": total["teacher_entropy"] / max(total["tokens"], 1),
+            "teacher/maxp": total["teacher_maxp"] / max(total["tokens"], 1),
+            "student/entropy": total["student_entropy"],
+            "perf/tokens_per_s": total["tokens"] / (t3 - t0),
             "perf/rollout_s": t1 - t0, "perf/teacher_s": t2 - t1, "perf/update_s": t3 - t2,
+            # hindsight leakage and step errors against the oracle trace (opdlab.hindsight), student rollouts only
+            **(rollout_diagnostics(problems, rollouts.texts) if on_policy else {}),
         }
+        if not main:  # the main process alone evaluates, logs and saves
+            continue
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
             from opdlab.evaluate import evaluate
             result = evaluate(student, tokenizer, task, cfg.eval, seed=cfg.train.seed, vocab_size=pairing.vocab_size,
                               progress=False)
             metrics[f"eval/mean@{cfg.eval.k}"] = result.mean_at_k
             metrics[f"eval/pass@{cfg.eval.k}"] = result.pass_at_k
+        if fidelity_probe is not None and (step + 1) % cfg.train.fidelity_every == 0:
+            metrics.update(fidelity_probe(student, step + 1))
         logger.log(step + 1, metrics)
         if (step + 1) % cfg.train.sample_every == 0 or step == start_step:
             logger.samples(step + 1, rollouts, rewards, scores)
@@ -204,7 +266,11 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             save_checkpoint(ckpt_root, step + 1, student, tokenizer, {
                 "step": step + 1, "data_position": stream.position, "bad_steps": bad_steps,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(generator)}, keep=cfg.train.keep_checkpoints)
-    logger.close()
+                "rng": rng_state(generator),
+                **({"ema_teacher": ema_teacher.state_dict()} if ema_teacher is not None else {})},
+                keep=cfg.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    if main:
+        logger.close()
     return run_dir
 

@@ -83,6 +83,16 @@ class TeacherScores:
     Objectives that need the teacher's whole distribution (full-vocabulary divergences) ask `score` to keep the
     teacher's last hidden states `hidden_B_T_H` and its output layer `lm_head` (with `vocab_size` and `softcap`,
     as in `opdlab.logprobs.chunk_logits`), and make logits from them chunk by chunk; otherwise these are None.
+
+    `partial` is set when the objective asked for two teacher contexts (`TeacherRequest.both_views`, the privileged
+    objectives): these scores are then the teacher's under the full view of the oracle trace, and `partial` holds
+    its scores, same fields, under the partial view (`opdlab.privileged`); both come from one teacher forward.
+
+    The `lookahead_*` fields are set when the objective asked for candidate rewards (`TeacherRequest.lookahead`,
+    the lookahead objective, METHODS.md section 2): `lookahead_trigger_B_T` marks the loss positions where the
+    student's entropy exceeds tau, `lookahead_ids_B_T_K` holds the student's top-K candidates there and
+    `lookahead_reward_B_T_K` each candidate's raw reward, the teacher's confidence one step ahead, e.g.
+    max_v pi_T(v | x, y_<t, v_k) (zero where there is no trigger); see `opdlab.tree_attention`.
     """
 
     logp_B_T: torch.Tensor
@@ -94,6 +104,10 @@ class TeacherScores:
     lm_head: torch.nn.Module | None = None
     vocab_size: int | None = None
     softcap: float | None = None
+    partial: "TeacherScores | None" = None
+    lookahead_trigger_B_T: torch.Tensor | None = None
+    lookahead_ids_B_T_K: torch.Tensor | None = None
+    lookahead_reward_B_T_K: torch.Tensor | None = None
 
     def select(self, index: slice | list[int]) -> "TeacherScores":
         return _select(self, index)
@@ -119,11 +133,31 @@ class StudentOutputs:
 
 
 @dataclass(frozen=True)
+class LookaheadRequest:
+    """Candidate rewards for the lookahead objective. `score` runs the student once without gradients to find the
+    trigger positions (loss positions where its entropy exceeds `tau`) and its top-`k` tokens there, then scores
+    every candidate one step ahead with tree attention, `segment_len` completion positions per teacher pass; the
+    reward is the teacher's confidence under `signal` ('max_p', 'sampled_p', 'neg_entropy' or 'perplexity', as in
+    `opdlab.tree_attention.confidence_reward`)."""
+
+    k: int = 8
+    tau: float = 0.2
+    signal: str = "max_p"
+    segment_len: int = 256
+
+
+@dataclass(frozen=True)
 class TeacherRequest:
     """What an objective needs from `opdlab.teacher.score` beyond the sampled token's log-prob, entropy, max-prob."""
 
     top_k: int = 0  # the teacher's top-K ids and log-probs per position
     hidden: bool = False  # keep its hidden states and output layer: its full distribution, made chunk by chunk
+    # score two contexts, the full and the partial view of the oracle trace (`TeacherScores.partial`), in one pass;
+    # otherwise one context, `privileged.view` of the run's config (by default the student's own prompt)
+    both_views: bool = False
+    # the student's top-K candidates at its high-entropy positions, each scored by the teacher one step ahead
+    # (`TeacherScores.lookahead_*`); needs the student model passed to `score`
+    lookahead: LookaheadRequest | None = None
 
 
 @dataclass
@@ -147,6 +181,8 @@ def _select(obj, index):
             values[f.name] = v.index_select(0, idx.to(v.device))
         elif isinstance(v, list):
             values[f.name] = [v[i] for i in rows]
+        elif isinstance(v, TeacherScores):
+            values[f.name] = _select(v, rows)
         else:
             values[f.name] = v
     return replace(obj, **values)

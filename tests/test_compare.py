@@ -38,3 +38,12 @@ def test_cli_compare_takes_options_first_and_reports_config_errors(capsys):
     assert main(["compare", "--objectives", "opd", "--seeds", "1", "objective.name=bogus"]) == 2
     err = capsys.readouterr().err
     assert "objective.name" in err and "bogus" in err and "allowed" in err
+
+
+def test_cli_compare_overrides_after_the_objective_list_are_overrides(capsys):
+    from opdlab.cli import main
+
+    # `--objectives opd train.lr=oops` must read train.lr=oops as an override (and reject its value), not as a name
+    assert main(["compare", "--seeds", "1", "--objectives", "opd", "train.lr=oops"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "oops" in err and "unknown objective" not in err

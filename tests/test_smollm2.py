@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import opdlab.samplers
 import opdlab.train
 from opdlab import zoo
 from opdlab.config import load_config
@@ -43,13 +44,13 @@ def smollm2_dirs() -> dict[str, Path]:
 def test_two_opd_steps_on_smollm2(smollm2_dirs, tmp_path, monkeypatch):
     # Record the rollouts train() makes, so the prompts it actually fed the model can be checked.
     seen: list[Rollouts] = []
-    real_sample = opdlab.train.sample
+    real_sample = opdlab.samplers.sample  # what the built-in rollout backend calls
 
     def recording_sample(*args, **kwargs) -> Rollouts:
         seen.append(real_sample(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(opdlab.train, "sample", recording_sample)
+    monkeypatch.setattr(opdlab.samplers, "sample", recording_sample)
 
     run = tmp_path / "smollm2"
     cfg = load_config(None, [

@@ -9,7 +9,8 @@ loop asks `opdlab.teacher.score` for exactly that and never branches on the obje
 is accepted too (`as_objective`): it needs nothing beyond the sampled-token scores and samples with top-p 1.
 
 One file per family: `opd` (sampled-token OPD), `divergence` (full-vocabulary KLs and JSD / GKD), `lsm` (teacher
-top-K local support matching); `diagnostics` holds the per-step metrics they share.
+top-K local support matching), `privileged` (privileged OPD on the full / partial view of an oracle trace and
+the anchored residual target, AR-OPD), `lookahead` (Lookahead Group Reward, LGR); `diagnostics` holds the per-step metrics they share.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from dataclasses import dataclass
 from opdlab.config import ObjectiveConfig
 from opdlab.objectives.divergence import forward_kl, jsd, reverse_kl
 from opdlab.objectives.lsm import lsm, lsm_teacher_request
+from opdlab.objectives.lookahead import lookahead, lookahead_teacher_request
 from opdlab.objectives.opd import sampled_token_opd
+from opdlab.objectives.privileged import anchored_residual, privileged_full, privileged_partial, \
+    privileged_teacher_request
 from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherRequest, TeacherScores
 
 ObjectiveFn = Callable[[Rollouts, StudentOutputs, TeacherScores, ObjectiveConfig], ObjectiveOutput]
@@ -66,4 +70,10 @@ OBJECTIVES: dict[str, Objective | ObjectiveFn] = {
     "reverse_kl": Objective(reverse_kl, teacher_request=_full_distribution),
     "jsd": Objective(jsd, teacher_request=_full_distribution),
     "lsm": Objective(lsm, teacher_request=lsm_teacher_request, default_top_p=0.9),
+    # privileged OPD (METHODS.md section 3): the teacher scores both views of the oracle trace in one pass
+    "privileged_full": Objective(privileged_full, teacher_request=privileged_teacher_request),
+    "privileged_partial": Objective(privileged_partial, teacher_request=privileged_teacher_request),
+    "anchored_residual": Objective(anchored_residual, teacher_request=privileged_teacher_request),
+    # LGR (METHODS.md section 2): the teacher also scores the student's top-K candidates one step ahead
+    "lookahead": Objective(lookahead, teacher_request=lookahead_teacher_request),
 }

@@ -1,6 +1,7 @@
 """Tasks: sources of problems and their verifiers, and `make_task` to build one from a `TaskConfig`.
 
-Heavy dependencies (datasets, math-verify, reasoning-gym) are imported only when a task needs them.
+Heavy dependencies (datasets, math-verify, reasoning-gym) and the code task's sandbox are imported only when a task
+needs them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def make_task(cfg: TaskConfig) -> Task:
     """The task `cfg.name` selects, built from the config's fields."""
     if cfg.name == "arithmetic":
         return ArithmeticTask(cfg.min_steps, cfg.max_steps, seed=cfg.seed, test_size=cfg.test_size,
-                              max_value=cfg.max_value)
+                              max_value=cfg.max_value, shortcut_frac=cfg.shortcut_frac)
     if cfg.name == "file":
         return FileTask(cfg.train_path, cfg.test_path, question_field=cfg.question_field,
                         answer_field=cfg.answer_field, solution_field=cfg.solution_field, seed=cfg.seed,
@@ -31,4 +32,13 @@ def make_task(cfg: TaskConfig) -> Task:
     if cfg.name == "reasoning_gym":
         return GymTask(cfg.gym_name, train_size=cfg.gym_train_size, test_size=cfg.test_size, seed=cfg.seed,
                        threshold=cfg.gym_threshold)
-    raise ValueError(f"unknown task {cfg.name!r}; known: arithmetic, file, reasoning_gym")
+    if cfg.name == "code":
+        from opdlab.sandbox import Limits
+        from opdlab.tasks.code import CodeTask
+
+        c = cfg.code
+        limits = Limits(wall_s=c.timeout_s, cpu_s=c.cpu_s, memory_mb=c.memory_mb, processes=c.processes,
+                        output_bytes=c.output_kb << 10)
+        return CodeTask(c.path, c.test_path, fmt=c.format, reward=c.reward, seed=cfg.seed, test_size=cfg.test_size,
+                        limits=limits, per_test_s=c.per_test_s, workers=c.workers, site_packages=c.site_packages)
+    raise ValueError(f"unknown task {cfg.name!r}; known: arithmetic, file, reasoning_gym, code")

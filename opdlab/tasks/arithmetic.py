@@ -79,12 +79,15 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __init__(self, min_steps: int = 2, max_steps: int = 4, seed: int = 0, train_size: int = 100_000,
-                 test_size: int = 200, max_value: int = 99):
+                 test_size: int = 200, max_value: int = 99, shortcut_frac: float = 0.0):
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
         if max_value < 9:
             raise ValueError(f"max_value must be at least 9, got {max_value}")
+        if not 0.0 <= shortcut_frac <= 1.0:
+            raise ValueError(f"shortcut_frac must be in [0, 1], got {shortcut_frac}")
         self.min_steps, self.max_steps, self.seed, self.max_value = min_steps, max_steps, seed, max_value
+        self.shortcut_frac = shortcut_frac
         self.sizes = {"train": train_size, "test": test_size}
         self._test_questions: set[str] | None = None
 
@@ -108,6 +111,15 @@ class ArithmeticTask(Task):
             if p.question not in self._test_questions:
                 return p
             attempt += 1
+
+    def target(self, problem: Problem) -> str:
+        """The worked solution; or, for a fixed `shortcut_frac` share of problems (drawn from the problem's uid), a
+        shortcut: no working, and the question's first number given as the answer (wrong unless the operations
+        cancel out). Warm-start data with such a share teach a model a habit that a teacher trained on clean data
+        does not have."""
+        if self.shortcut_frac and random.Random(f"shortcut/{problem.uid}").random() < self.shortcut_frac:
+            return f"Answer: {problem.question.split()[1]}"
+        return super().target(problem)
 
     def verify(self, problem: Problem, response: str) -> float:
         got = extract_answer(response)

@@ -34,6 +34,10 @@ class Task(ABC):
     def verify(self, problem: Problem, response: str) -> float:
         """Reward of `response` to `problem`, in [0, 1]; never raises on bad model output."""
 
+    def verify_batch(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[float]:
+        """Rewards of a batch, in order. Tasks whose verifier is slow (running programs) grade in parallel."""
+        return [self.verify(p, r) for p, r in zip(problems, responses, strict=True)]
+
     def target(self, problem: Problem) -> str:
         """The response a warm-start (SFT) step trains on: the worked solution, else just the answer line."""
         if problem.solution:

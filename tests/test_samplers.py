@@ -1,0 +1,73 @@
+"""The rollout-backend interface (`opdlab.samplers`) with the built-in backend, the vLLM backend's packing of its
+outputs (`opdlab.rollout_vllm.pack_outputs`) and its import guard (vLLM is not installed here).
+
+    python -m pytest tests/test_samplers.py -q
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from opdlab.config import ConfigError, RolloutConfig, load_config
+from opdlab.logprobs import student_forward
+from opdlab.rollout_vllm import VLLMSampler, pack_outputs
+from opdlab.samplers import BuiltinSampler, make_sampler
+from opdlab.tasks.arithmetic import ArithmeticTask
+from opdlab.train import train
+from test_train import make_cfg
+
+PROBLEMS = ArithmeticTask(seed=2, min_steps=1, max_steps=2).problems("train")[:5]
+
+
+def test_builtin_sampler_returns_the_samplers_log_probs(student_model, tokenizer):
+    cfg = RolloutConfig(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    sampler = make_sampler(cfg, student_model, tokenizer, len(tokenizer), "unused")
+    assert isinstance(sampler, BuiltinSampler)
+    rollouts = sampler.sample(PROBLEMS, seeds=[11, 12, 13, 14, 15])
+    mask_B_T = rollouts.completion_mask_B_T.bool()
+    # log pi_old of the sampled tokens = the student's log-probs recomputed by a separate forward pass
+    recomputed_B_T = student_forward(student_model, rollouts, len(tokenizer)).logp_B_T.detach()
+    torch.testing.assert_close(rollouts.logp_old_B_T[mask_B_T], recomputed_B_T[mask_B_T], rtol=0, atol=1e-5)
+    # the same seeds draw the same rows, in any order and batch; other seeds draw others
+    again = sampler.sample(PROBLEMS[::-1], seeds=[15, 14, 13, 12, 11])
+    assert again.texts == rollouts.texts[::-1]
+    other = sampler.sample(PROBLEMS, seeds=[21, 22, 23, 24, 25])
+    assert other.texts != rollouts.texts
+    sampler.push_weights(student_model)  # nothing to push: it samples with the model itself
+
+
+def test_pack_outputs_rebuilds_a_rollout_batch(student_model, tokenizer):
+    """vLLM hands back, per request, the generated ids and their log-probs; packed, they are the same batch."""
+    cfg = RolloutConfig(max_new_tokens=10)
+    rollouts = BuiltinSampler(student_model, tokenizer, cfg, len(tokenizer)).sample(PROBLEMS, [1, 2, 3, 4, 5])
+    lengths = rollouts.completion_mask_B_T.sum(1).tolist()
+    completions = [ids[:n].tolist() for ids, n in zip(rollouts.completion_ids_B_T, lengths)]
+    logps = [lp[:n].tolist() for lp, n in zip(rollouts.logp_old_B_T, lengths)]
+    pad = tokenizer.pad_token_id
+    packed = pack_outputs(rollouts.prompt_ids_B_P, rollouts.prompt_mask_B_P, completions, logps, PROBLEMS,
+                          tokenizer, pad)
+    assert packed.texts == rollouts.texts
+    assert torch.equal(packed.completion_mask_B_T, rollouts.completion_mask_B_T)
+    mask_B_T = rollouts.completion_mask_B_T.bool()
+    assert torch.equal(packed.completion_ids_B_T[mask_B_T], rollouts.completion_ids_B_T[mask_B_T])
+    assert (packed.completion_ids_B_T[~mask_B_T] == pad).all()
+    torch.testing.assert_close(packed.logp_old_B_T, rollouts.logp_old_B_T, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="row 1 has 3 tokens but 2 log-probs"):
+        pack_outputs(rollouts.prompt_ids_B_P[:2], rollouts.prompt_mask_B_P[:2], [[5], [5, 6, 7]],
+                     [[-1.0], [-1.0, -2.0]], PROBLEMS[:2], tokenizer, pad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_says_what_to_do(student_model, tokenizer, model_dirs, tmp_path):
+    with pytest.raises(ImportError,
+                       match=r"rollout.backend=vllm needs vLLM.*pip install vllm.*rollout.backend=builtin"):
+        VLLMSampler(RolloutConfig(backend="vllm"), student_model, tokenizer, len(tokenizer), "unused")
+    with pytest.raises(ImportError, match="needs vLLM"):
+        train(make_cfg(model_dirs, tmp_path / "run", "rollout.backend=vllm"), progress=False)
+
+
+def test_backend_is_validated():
+    with pytest.raises(ConfigError, match=r"rollout.backend.*'builtin' or 'vllm'"):
+        load_config(None, ["rollout.backend=sglang"])
