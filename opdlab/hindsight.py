@@ -62,8 +62,9 @@ def _lines(text: str) -> list[str]:
 
 
 def oracle_derivations(problem: Problem) -> dict[str, int]:
-    """{value: line index of the trace that first derives it}; empty when the problem has no trace."""
-    if not problem.solution:
+    """{value: line index of the trace that first derives it}; empty when the problem has no trace, or when the
+    trace is a program (a fenced code block, as code tasks give), whose lines have no derivation order."""
+    if not problem.solution or problem.solution.lstrip().startswith("```"):
         return {}
     given = set(_numbers(problem.question))
     lines = _lines(problem.solution)

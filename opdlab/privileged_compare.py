@@ -136,12 +136,13 @@ def run(args) -> dict:
                "student_views": view_accuracy(student, task, base.privileged), "config": base.model_dump(mode="json"),
                "runs": {}}
     console.print(f"privileged teacher accuracy by view: {results['teacher_views']}")
-    results["before"] = {s: _evaluate(student, task, base.eval, s) for s in range(args.seeds)}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    results["before"] = {s: _evaluate(student, task, base.eval, s) for s in seeds}
     methods = {"sft (oracle traces)": None, "privileged_full": [], "privileged_partial": []}
     methods.update({f"anchored_residual λ={lam}": [f"objective.ar_lambda={lam}"] for lam in args.lambdas})
     methods = {name: extra for name, extra in methods.items() if name.split(" ")[0] in args.methods}
     for name, extra in methods.items():
-        for seed in range(args.seeds):
+        for seed in seeds:
             run_dir = out / name.split(" ")[0].replace("(", "") / (f"lam{extra[0].split('=')[1]}" if extra else "") \
                 / f"seed-{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -217,7 +218,8 @@ def plot(results: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="opdlab compare-privileged", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.6, 0.8, 1.2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,

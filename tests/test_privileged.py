@@ -150,6 +150,9 @@ def test_ema_update_math_and_no_grad_state(student_model):
 def test_oracle_derivations():
     assert oracle_derivations(PROBLEM) == {"12": 1, "18": 3}  # 9 is in the question, so it is never "derived"
     assert oracle_derivations(Problem(uid="x", question="q", answer="1")) == {}
+    # a program is not a derivation: numbers in a code task's reference solution are never "derived" (no events)
+    program = Problem(uid="c", question="Write f.", answer="", solution="```python\ndef f():\n    return 18\n```")
+    assert oracle_derivations(program) == {} and shortcut_events(program, "return 18") == []
 
 
 @pytest.mark.parametrize("response, events", [

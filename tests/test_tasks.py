@@ -69,6 +69,23 @@ def test_arithmetic_solution_arithmetic_is_correct(max_value):
         assert expr == [p.answer] and len(rewrites) == p.meta["steps"]
 
 
+def test_arithmetic_shortcut_targets():
+    # a fixed share of warm-start targets is the question's first number with no working; problems and test data
+    # are unchanged, and the same problem always gets the same target
+    clean = ArithmeticTask(seed=0, min_steps=2, max_steps=3, max_value=19)
+    noisy = make_task(TaskConfig(seed=0, min_steps=2, max_steps=3, max_value=19, shortcut_frac=0.4))
+    problems = list(noisy.problems("train")[:500])
+    assert [p.question for p in problems] == [p.question for p in clean.problems("train")[:500]]
+    shortcuts = [p for p in problems if noisy.target(p) != p.solution]
+    assert 0.33 < len(shortcuts) / len(problems) < 0.47
+    for p in shortcuts:
+        assert noisy.target(p) == f"Answer: {p.question.split()[1]}" == noisy.target(p)
+        assert noisy.verify(p, noisy.target(p)) == float(p.question.split()[1] == p.answer)
+    assert all(clean.target(p) == p.solution for p in problems)
+    with pytest.raises(ValueError, match="shortcut_frac"):
+        ArithmeticTask(shortcut_frac=1.5)
+
+
 def test_arithmetic_verify():
     task = ArithmeticTask(seed=0)
     p = task.problems("test")[0]

@@ -276,3 +276,23 @@ def test_cli_bad_override_exits_2(override, field, capsys, tmp_path):
     err = capsys.readouterr().err
     assert field in err and "opdlab:" in err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_learning_rate_schedule_with_a_floor(schedule):
+    from opdlab.config import TrainConfig
+    from opdlab.train import make_scheduler
+
+    cfg = TrainConfig(steps=110, warmup_steps=10, schedule=schedule, lr=1e-3, min_lr_ratio=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up to the peak
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # then never rising
+    midway = 0.55e-3  # half-way through the decay both schedules sit at floor + (peak - floor) / 2
+    assert lrs[60] == pytest.approx(midway, rel=1e-6)
+    assert lrs[-1] >= 1e-4 - 1e-12 and lrs[-1] < 1.1e-4  # ends at the floor, not at zero

@@ -10,7 +10,8 @@ is accepted too (`as_objective`): it needs nothing beyond the sampled-token scor
 
 One file per family: `opd` (sampled-token OPD), `divergence` (full-vocabulary KLs and JSD / GKD), `lsm` (teacher
 top-K local support matching), `privileged` (privileged OPD on the full / partial view of an oracle trace and
-the anchored residual target, AR-OPD), `lookahead` (Lookahead Group Reward, LGR); `diagnostics` holds the per-step metrics they share.
+the anchored residual target, AR-OPD), `lookahead` (Lookahead Group Reward, LGR); `common` holds the chunk
+machinery and the per-step metrics they share.
 """
 from __future__ import annotations
 
