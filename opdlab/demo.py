@@ -29,7 +29,7 @@ BUILTIN_TASK = dict(name="arithmetic", min_steps=2, max_steps=3, max_value=19, s
 # Warm-start recipes. The student is smaller and its warm start sees only 2-step chains (`task` overrides), so it
 # knows the format and the arithmetic but has never continued a chain past two lines: on its own rollouts of 3-step
 # problems it writes the answer too early, a mistake the teacher's token-level feedback on those rollouts is meant to
-# correct. (So far it does not: 60 OPD steps leave the student at 27.5 % mean@4 from 28.7 %; README, Results.)
+# correct. (So far it does not: 60 OPD steps leave the student at 27.3 % mean@4 from 28.7 %; README, Results.)
 RECIPES = {
     "teacher": dict(init="teacher", steps=2000, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, seed=0),
     "student": dict(init="student", steps=700, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, seed=1,
