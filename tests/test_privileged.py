@@ -241,3 +241,21 @@ def test_late_stage_accuracy_is_the_longest_quarter():
                SimpleNamespace(lengths=[50, 5, 45, 15], rewards=[1.0, 0.0, 0.0, 0.0])]
     # 8 samples; the 0.75 quantile of the sorted lengths (index 6) is 45: samples of length 45 and 50
     assert late_accuracy(SimpleNamespace(records=records)) == pytest.approx(0.5)
+
+
+def test_reasoning_gym_traces_give_both_views():
+    # reasoning-gym's gsm_symbolic carries a worked solution: the full view holds it whole, the partial view a
+    # word-boundary prefix of its reasoning plus the answer line, and both end with the student's question
+    from opdlab.config import TaskConfig
+    from opdlab.privileged import view_text
+    from opdlab.tasks import make_task
+
+    task = make_task(TaskConfig(name="reasoning_gym", gym_name="gsm_symbolic", gym_train_size=3, test_size=1))
+    p = task.problems("train")[0]
+    cfg = PrivilegedConfig()
+    full, part = view_text(p, "full", cfg), view_text(p, "partial", cfg)
+    assert p.solution in full and full.endswith(p.question) and part.endswith(p.question)
+    reasoning = part.split("\n", 1)[1].rsplit("\nAnswer:", 1)[0]
+    assert p.solution.startswith(reasoning) and 0 < len(reasoning) < len(p.solution)
+    assert p.solution[len(reasoning)] in " \n"  # cut at a word boundary
+    assert f"Answer: {p.answer}" in part
