@@ -26,14 +26,18 @@ from opdlab.models import builtin_dir
 # Values stay in [0, 19]: with 99 the warm start had ~1,800 addition/subtraction facts to learn instead of ~350, and
 # after 500 SFT steps a model solved 11 % of problems (greedy) against 47 % with max_value 19.
 BUILTIN_TASK = dict(name="arithmetic", min_steps=2, max_steps=3, max_value=19, seed=0)
-# Warm-start recipes. The student is smaller and its warm start sees only 2-step chains (`task` overrides), so it
-# knows the format and the arithmetic but has never continued a chain past two lines: on its own rollouts of 3-step
-# problems it writes the answer too early, a mistake the teacher's token-level feedback on those rollouts is meant to
-# correct. (So far it does not: 60 OPD steps leave the student at 27.3 % mean@4 from 28.7 %; README, Results.)
+# Warm-start recipes. The student is smaller (0.38M parameters against 0.88M) and trained on the same 2-3 step chains,
+# but half of its warm-start targets are a shortcut (`task.shortcut_frac`): no working, and the question's first
+# number as the answer. So it has learnt the chains and a habit the teacher lacks: on about half of its rollouts it
+# skips the working and answers wrongly. The teacher gives that first "A" token almost no probability, and its
+# token-level feedback on the student's own rollouts removes the habit in a few dozen steps; what OPD does not
+# improve here in 60 steps is the arithmetic inside the chains (README, "Distillation on the built-in task").
+# The student's schedule ends at 0.1x its peak learning rate: a warm start that decays to zero leaves a tiny model
+# that any later fine-tuning at 1e-4 first knocks back.
 RECIPES = {
     "teacher": dict(init="teacher", steps=2000, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, seed=0),
-    "student": dict(init="student", steps=700, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, seed=1,
-                    task=dict(max_steps=2)),
+    "student": dict(init="student", steps=1400, batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, seed=1,
+                    min_lr_ratio=0.1, task=dict(shortcut_frac=0.5)),
 }
 
 
