@@ -77,12 +77,7 @@ def enter_namespaces(spec) -> None:
         flags |= CLONE_NEWUSER
     _check("namespaces", "unshare", _libc.unshare(flags))
     if uid != 0:
-        try:
-            _write("/proc/self/setgroups", "deny")
-            _write("/proc/self/uid_map", f"{uid} {uid} 1")
-            _write("/proc/self/gid_map", f"{gid} {gid} 1")
-        except OSError as e:
-            raise LayerError("namespaces", f"uid/gid map: {e}") from None
+        _map_own_ids("namespaces", uid, gid)
     _mount("namespaces", None, "/", None, MS_REC | MS_PRIVATE)
 
 
@@ -164,12 +159,17 @@ def own_user_namespace() -> None:
     uid, gid = os.getuid(), os.getgid()
     _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # a uid change made /proc/self root's; the maps below need it ours
     _check("userns", "unshare", _libc.unshare(CLONE_NEWUSER))
+    _map_own_ids("userns", uid, gid)
+
+
+def _map_own_ids(layer: str, uid: int, gid: int) -> None:
+    """In a new user namespace: map our own uid/gid to themselves (and give up setgroups, which the map needs)."""
     try:
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     except OSError as e:
-        raise LayerError("userns", f"uid/gid map: {e}") from None
+        raise LayerError(layer, f"uid/gid map: {e}") from None
 
 
 # Landlock (linux/landlock.h). Filesystem rights by ABI version: 1 has bits 0-12, 2 adds REFER, 3 TRUNCATE.

@@ -49,7 +49,7 @@ def warm_start_privileged_teacher(base: str, out: str | Path, task, cfg: Privile
     import random
 
     from opdlab.models import load_model
-    from opdlab.sft import sft_batch
+    from opdlab.sft import sft_batch, sft_step
     from opdlab.tasks.base import ProblemStream
 
     torch.manual_seed(seed)
@@ -61,13 +61,8 @@ def warm_start_privileged_teacher(base: str, out: str | Path, task, cfg: Privile
     for _ in tqdm(range(steps), desc="privileged teacher", disable=not progress):
         problems = stream.take(batch_size)
         questions = [view_text(p, rng.choice(VIEWS), cfg) for p in problems]
-        ids, mask, labels = sft_batch(tok, task, problems, next(model.parameters()).device, questions=questions)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        sft_step(model, opt, sched, *sft_batch(tok, task, problems, next(model.parameters()).device,
+                                                questions=questions))
     out = Path(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

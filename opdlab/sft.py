@@ -67,6 +67,17 @@ def sft_batch(tokenizer, task, problems, device, questions: list[str] | None = N
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def sft_step(model, optimizer, scheduler, ids, mask, labels) -> torch.Tensor:
+    """One optimizer step on a batch from `sft_batch` (gradient norm clipped to 1); returns the loss."""
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
     from opdlab.train import make_scheduler, resolve_device, seed_everything
 
@@ -88,13 +99,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
     bar = tqdm(range(cfg.steps), desc=f"sft {cfg.init or cfg.model.path}", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
-        ids, mask, labels = sft_batch(tokenizer, task, stream.take(cfg.batch_size), device)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        loss = sft_step(model, optimizer, scheduler, *sft_batch(tokenizer, task, stream.take(cfg.batch_size), device))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.append({"step": step + 1, "sft/loss": loss.item(), "time_s": time.perf_counter() - t0})
