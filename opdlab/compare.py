@@ -59,10 +59,13 @@ def run_compare(objectives: list[str], seeds: list[int], overrides: list[str], o
     task = make_task(base.task)
     k = base.eval.k
     student, tok = load_model(base.student, device)
-    before = {s: evaluate(student, tok, task, base.eval, seed=s, progress=False).mean_at_k for s in seeds}
+    before_results = {s: evaluate(student, tok, task, base.eval, seed=s, progress=False) for s in seeds}
+    before = {s: r.mean_at_k for s, r in before_results.items()}
     del student
     console.print(f"student before: mean@{k} " + ", ".join(f"{v:.1%} (seed {s})" for s, v in before.items()))
-    results: dict = {"config": base.model_dump(mode="json"), "k": k, "before": before, "runs": {}}
+    results: dict = {"config": base.model_dump(mode="json"), "k": k, "before": before, "runs": {},
+                     "before_by_length": {s: {b.label: b.mean_reward for b in r.buckets if b.mean_reward is not None}
+                                          for s, r in before_results.items()}}
     for name in objectives:
         extra = DEFAULT_OBJECTIVES.get(name, [])
         for seed in seeds:
@@ -77,11 +80,43 @@ def run_compare(objectives: list[str], seeds: list[int], overrides: list[str], o
             steps, loss = _curve(run_dir, "train/loss")
             eval_steps, acc = _curve(run_dir, f"eval/mean@{k}")
             results["runs"].setdefault(name, {})[seed] = {
-                "loss": [steps, loss], "mean_at_k": [eval_steps, acc], "after": acc[-1] if acc else None}
+                "loss": [steps, loss], "mean_at_k": [eval_steps, acc], "after": acc[-1] if acc else None,
+                "after_by_length": _last_by_length(run_dir, k)}
     (out / "compare.json").write_text(json.dumps(results, indent=1))
     console.print(summary_table(results))
+    console.print(length_table(results))
     console.print(f"wrote {out / 'compare.json'} and {plot_compare(results, out / 'compare.png')}")
     return results
+
+
+def _last_by_length(run_dir: Path, k: int) -> dict[str, float]:
+    """The last evaluation's mean@k by response-length bucket, from the run's metrics."""
+    prefix, last = f"eval/mean@{k}_len_", {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        found = {key[len(prefix):]: v for key, v in row.items() if key.startswith(prefix)}
+        last = found or last
+    return last
+
+
+def length_table(results: dict) -> Table:
+    """mean@k by response-length bucket (tokens), before and after each objective, mean over seeds (a bucket's
+    count differs between models, since each model's own responses fill it)."""
+    k = results["k"]
+    rows = {"before": list(results["before_by_length"].values())}
+    rows.update({name: [r.get("after_by_length", {}) for r in runs.values()] for name, runs in results["runs"].items()})
+    labels = [lab for lab in dict.fromkeys(lab for per_seed in rows.values() for d in per_seed for lab in d)]
+    table = Table(title=f"mean@{k} by response length (tokens), mean over seeds that have the bucket")
+    table.add_column("student", justify="left")
+    for lab in labels:
+        table.add_column(lab, justify="right")
+    for name, per_seed in rows.items():
+        cells = []
+        for lab in labels:
+            vals = [d[lab] for d in per_seed if lab in d]
+            cells.append(f"{statistics.fmean(vals):.1%}" if vals else "-")
+        table.add_row(name, *cells)
+    return table
 
 
 def summary_table(results: dict) -> Table:

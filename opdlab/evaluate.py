@@ -278,7 +278,7 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
     problems = _select_problems(task, split, cfg.num_problems)
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    # The generator must live on the model's device: sample() draws with torch.multinomial there.
+    # The generator must live on the model's device: sample() draws its random numbers there.
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
 

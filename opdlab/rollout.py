@@ -28,13 +28,26 @@ def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_B_V.masked_fill(drop, float("-inf"))
 
 
-def _draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-    """One token per row: from one shared generator, or from each row's own."""
+def draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling: u ~ U[0, 1) per row, the token is the first whose cumulative
+    probability exceeds u x the row's total. A token of probability 0 is never drawn.
+
+    It costs one random number per row, where `torch.multinomial` (and so HF `generate`) draws an exponential
+    variate per vocabulary entry: at a 49k vocabulary that is most of a small model's decoding step on a CPU.
+    With a list of generators, row i draws its u from generator i alone, so its token does not depend on which
+    other rows share the batch (how a multi-process run matches a single-process one). The cumulative sum is
+    taken in float64 so that rounding over a 150k vocabulary moves no visible mass between tokens."""
+    B = probs_B_V.shape[0]
     if isinstance(generator, list):
-        if len(generator) != len(probs_B_V):
-            raise ValueError(f"sample(): {len(generator)} generators for {len(probs_B_V)} rows; pass one per row")
-        return torch.cat([torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_B_V, generator)])
-    return torch.multinomial(probs_B_V, 1, generator=generator).squeeze(-1)
+        if len(generator) != B:
+            raise ValueError(f"sample(): {len(generator)} generators for {B} rows; pass one per row")
+        u_B = torch.cat([torch.rand(1, generator=g, device=probs_B_V.device, dtype=torch.float64)
+                         for g in generator])
+    else:
+        u_B = torch.rand(B, generator=generator, device=probs_B_V.device, dtype=torch.float64)
+    cdf_B_V = probs_B_V.to(torch.float64).cumsum(-1)
+    tok_B = torch.searchsorted(cdf_B_V, (u_B * cdf_B_V[:, -1])[:, None], right=True).squeeze(-1)
+    return tok_B.clamp_(max=probs_B_V.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -67,9 +80,11 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
         if temperature == 0:
             tok_B = logits_B_V.argmax(-1)
             sampler_logp_B_V = logp_B_V
-        else:
-            sampler_logp_B_V = F.log_softmax(top_p_filter(logits_B_V / temperature, top_p), dim=-1)
-            tok_B = _draw(sampler_logp_B_V.exp(), generator)
+        else:  # at temperature 1 without truncation the sampled distribution is the policy itself
+            plain = temperature == 1 and (top_p is None or top_p >= 1)
+            sampler_logp_B_V = logp_B_V if plain else F.log_softmax(
+                top_p_filter(logits_B_V / temperature, top_p), dim=-1)
+            tok_B = draw(sampler_logp_B_V.exp(), generator)
         tok_B = torch.where(alive_B, tok_B, torch.full_like(tok_B, pad))
         tokens.append(tok_B)
         logp_old.append(logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))

@@ -254,6 +254,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
                               progress=False)
             metrics[f"eval/mean@{cfg.eval.k}"] = result.mean_at_k
             metrics[f"eval/pass@{cfg.eval.k}"] = result.pass_at_k
+            metrics.update({f"eval/mean@{cfg.eval.k}_len_{b.label}": b.mean_reward for b in result.buckets
+                            if b.mean_reward is not None})  # by response length (eval.length_buckets)
         if fidelity_probe is not None and (step + 1) % cfg.train.fidelity_every == 0:
             metrics.update(fidelity_probe(student, step + 1))
         logger.log(step + 1, metrics)

@@ -29,6 +29,9 @@ def test_compare_runs_each_objective_and_reports_final_accuracy(model_dirs, tmp_
     task = make_task(TaskConfig(min_steps=1, max_steps=1))
     again = evaluate(model, tok, task, EvalConfig(num_problems=3, k=2, max_new_tokens=8), seed=1, progress=False)
     assert results["runs"]["lsm"][1]["after"] == again.mean_at_k
+    # the by-length table reads the same final evaluation, bucket by bucket
+    assert results["runs"]["lsm"][1]["after_by_length"] == {
+        b.label: b.mean_reward for b in again.buckets if b.mean_reward is not None}
 
 
 def test_cli_compare_takes_options_first_and_reports_config_errors(capsys):

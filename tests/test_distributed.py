@@ -71,9 +71,6 @@ def test_two_processes_equal_one_process_with_twice_the_batch(two_process_runs, 
     one = tmp_path / "one"
     train(make_cfg(model_dirs, one, *GLOBAL_BATCH, f"objective.name={objective}"), progress=False)
 
-    w_one, w_two = weights(one, 3), weights(root / objective, 3)
-    assert max_diff(w_one, init_weights(model_dirs)) > 1e-3  # training moved the weights
-    assert_same_weights(w_two, w_one, atol=1e-6)
     # the logged numbers are the whole batch's, reduced over both processes
     rows_one, rows_two = metric_rows(one), metric_rows(root / objective)
     assert [r["step"] for r in rows_two] == [1, 2, 3]
@@ -82,6 +79,14 @@ def test_two_processes_equal_one_process_with_twice_the_batch(two_process_runs, 
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
         assert b["train/response_len"] == a["train/response_len"]
         assert b["train/reward"] == a["train/reward"]
+    w_one, w_two = weights(one, 3), weights(root / objective, 3)
+    assert max_diff(w_one, init_weights(model_dirs)) > 1e-3  # training moved the weights
+    # Same weights to fp32 tolerance. Adam divides by sqrt(v) + 1e-8, so an element whose gradient is itself near
+    # 1e-8 turns the last-bit differences of a differently composed batch into a visible fraction of one lr step:
+    # all but 1 in 1,000 elements must agree to 1e-6, and every element to 1e-4 (a tenth of one step at lr 1e-3).
+    flat_one, flat_two = (torch.cat([w[k].flatten() for k in sorted(w)]) for w in (w_one, w_two))
+    gap = (flat_one - flat_two).abs()
+    assert (gap > 1e-6).float().mean() < 1e-3 and gap.max() < 1e-4, (int((gap > 1e-6).sum()), gap.max().item())
     # only the main process writes: one line per step, one checkpoint directory per save
     assert len((root / objective / "metrics.jsonl").read_text().splitlines()) == 3
 

@@ -194,11 +194,13 @@ def test_chunked_equals_unchunked_loss_and_gradients(name):
 # ---------------------------------------------------------------- diagnostics and errors
 
 
-def test_diagnostics_match_direct_computation():
+@pytest.mark.parametrize("name, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_diagnostics_match_direct_computation(name, beta):
+    """Both KL directions are logged whichever the loss is (at beta 0 / 1 one is the loss itself)."""
     batch = logit_batch(seed=9, V=17)
     K = 4
     r, s, t = batch.inputs()
-    out = OBJECTIVES["forward_kl"](r, s, t, ObjectiveConfig(name="forward_kl", top_k=K))
+    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, top_k=K, beta=beta))
     m = batch.mask_B_T.bool()
     logp = F.log_softmax(batch.z_B_T_V.detach().double(), -1)[m]
     logq = F.log_softmax(batch.zt_B_T_V.double(), -1)[m]

@@ -54,7 +54,7 @@ def init_weights(model_dirs) -> dict[str, torch.Tensor]:
 def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def max_diff(a: dict, b: dict) -> float:

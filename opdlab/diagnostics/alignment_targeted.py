@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opdlab.rollout import top_p_filter
+from opdlab.rollout import draw, top_p_filter
 from opdlab.tasks.base import Task
 from opdlab.types import Problem
 
@@ -56,7 +56,7 @@ def continue_forced(model, prefix_ids_L: torch.Tensor, first_N: torch.Tensor, *,
             tok_N = logits_N_V.argmax(-1)
         else:
             probs_N_V = F.softmax(top_p_filter(logits_N_V / temperature, top_p), dim=-1)
-            tok_N = torch.multinomial(probs_N_V, 1, generator=generator).squeeze(-1)
+            tok_N = draw(probs_N_V, generator)
         tok_N = torch.where(alive_N, tok_N, torch.full_like(tok_N, pad))
         tokens.append(tok_N)
         alive_N = alive_N & ~torch.isin(tok_N, stops_t)

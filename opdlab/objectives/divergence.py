@@ -66,17 +66,24 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
         logp_C_V = F.log_softmax(scaled(logits_of(student, h_C_H)), dim=-1)
         with torch.no_grad():
             logq_C_V = F.log_softmax(scaled(logits_of(teacher, teacher_h_C_H)), dim=-1)
-            # The diagnostics come before the loss, while the loss's saved (C, V) tensors do not exist yet (a lower
-            # peak); at beta = 0 / 1 the loss is one of the two KLs, so that one is taken from it.
+            stats = teacher_topk_stats(logp_C_V.detach(), logq_C_V, y_C, min(cfg.top_k, logq_C_V.shape[-1]))
+        if beta in (0.0, 1.0):  # the loss is one KL and the diagnostic the other: both from one difference
+            diff_C_V = logp_C_V - logq_C_V
+            with torch.no_grad():
+                other_C_V = logq_C_V.exp() if beta == 1 else logp_C_V.detach().exp()
+                other_C = (other_C_V * diff_C_V.detach()).sum(-1)
+            if beta == 1:
+                loss_C = (logp_C_V.exp() * diff_C_V).sum(-1)
+                stats.update(kl_student_teacher=loss_C.detach(), kl_teacher_student=-other_C)
+            else:
+                loss_C = -(logq_C_V.exp() * diff_C_V).sum(-1)
+                stats.update(kl_teacher_student=loss_C.detach(), kl_student_teacher=other_C)
+            return loss_C, stats
+        with torch.no_grad():  # before the loss, while the loss's saved (C, V) tensors do not exist yet
             logp_det_C_V = logp_C_V.detach()
-            stats = teacher_topk_stats(logp_det_C_V, logq_C_V, y_C, min(cfg.top_k, logq_C_V.shape[-1]))
-            for key, end in (("kl_teacher_student", 0.0), ("kl_student_teacher", 1.0)):
-                if beta != end:
-                    stats[key] = generalized_jsd(logp_det_C_V, logq_C_V, end)
-        loss_C = generalized_jsd(logp_C_V, logq_C_V, beta)
-        if beta in (0.0, 1.0):
-            stats["kl_teacher_student" if beta == 0 else "kl_student_teacher"] = loss_C.detach()
-        return loss_C, stats
+            stats.update(kl_teacher_student=generalized_jsd(logp_det_C_V, logq_C_V, 0.0),
+                         kl_student_teacher=generalized_jsd(logp_det_C_V, logq_C_V, 1.0))
+        return generalized_jsd(logp_C_V, logq_C_V, beta), stats
 
     loss_sum, stats_N = run_chunks(chunk, student.chunk_size, hidden_N_H, teacher_hidden_N_H, sampled_N,
                                    params=student.lm_head.parameters())
