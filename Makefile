@@ -29,6 +29,7 @@ bench: setup
 bench-trl: setup
 	$(BIN)/pip install -q --no-deps -r requirements-bench.txt
 	$(BIN)/python bench/trl_compare.py --threads 1
+	$(BIN)/python bench/trl_compare.py --threads 1 --tokenizer smollm2
 	$(BIN)/python bench/objective_memory.py
 
 bench-tree: setup

@@ -4,6 +4,7 @@
     python bench/trl_compare.py                # full: 32 prompts x 128 new tokens, 4 steps a run, 3 runs a side
     python bench/trl_compare.py --quick        # smoke: 8 x 32, 2 steps a run, 2 runs a side (~20 s)
     python bench/trl_compare.py --threads 1    # intra-op threads; use 1 when the CPU is shared
+    python bench/trl_compare.py --tokenizer smollm2   # SmolLM2's 49,152-token vocabulary instead of characters
     python bench/trl_compare.py --student DIR --teacher DIR
     python bench/trl_compare.py --trl-gradient-checkpointing   # TRL as configured out of the box (see below)
 
@@ -11,7 +12,7 @@ Both sides run the same training: TRL's `GKDTrainer` with `lmbda=1.0` (every bat
 and `beta=1.0` (its `generalized_jsd_loss` is then KL(student || teacher) over the whole vocabulary at each
 completion token), against opdlab's `train()` with objective `jsd`, `beta=1.0` (the same divergence, see
 `opdlab.objectives.divergence`). Same student and teacher weights (random-init Llamas over the built-in character
-tokenizer, saved with `save_pretrained`: student hidden 128 / 4 layers, teacher hidden 256 / 4 layers; or `--student
+tokenizer, or SmolLM2's with `--tokenizer smollm2`, saved with `save_pretrained`: student hidden 128 / 4 layers, teacher hidden 256 / 4 layers; or `--student
 / --teacher` directories), same prompts in the same order (the `arithmetic` task's training stream, as `train()`
 draws it, rendered with the chat template), batch size, max new tokens, sampling temperature 1 (no top-k / top-p),
 AdamW with the same lr / betas / no weight decay (TRL's default is the fused kernel, opdlab's torch's default
@@ -74,7 +75,7 @@ from throughput import eos_suppressed, n_params  # noqa: E402  (bench/ is not a 
 TRL_VERSION = "1.16.0"  # the version requirements-bench.txt pins and the normalisation notes above were read from
 INSTALL_HINT = "pip install --no-deps -r requirements-bench.txt   (the 'bench' extra: pip install -e '.[bench]')"
 
-# Llama sizes like the built-in models (both 4 layers here), over the built-in character tokenizer.
+# Llama sizes like the built-in models (both 4 layers here), over the tokenizer --tokenizer names.
 SIZES = {
     "student": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
     "teacher": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4),

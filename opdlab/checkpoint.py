@@ -5,6 +5,14 @@ as an ordinary Hugging Face model) and `trainer_state.pt` (optimizer, scheduler,
 data position). It is written under a temporary name and renamed into place, and `checkpoints/latest` is replaced
 atomically afterwards, so a process killed at any moment leaves either the previous checkpoint or the new one,
 never a half-written one.
+
+Under FSDP (`opdlab.distributed`) each process holds a shard of the model and of the optimizer state: `full_state`
+gathers both, whole, onto the main process (every process calls it; it is a collective), which writes them in
+this same format, so a checkpoint does not depend on the process count or on the sharding. The optimizer state is
+keyed by parameter name (`torch.distributed.checkpoint.state_dict`); `load_optimizer_state` loads it, after
+`Accelerator.prepare`, into an optimizer over plain or sharded parameters, and also reads checkpoints of earlier
+versions, whose optimizer state is keyed by parameter index. The model is loaded whole before `prepare`, which
+shards it.
 """
 from __future__ import annotations
 
@@ -16,6 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+# whole tensors (all-gathered from FSDP shards), on the CPU, on the main process only (empty dicts elsewhere)
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,12 +65,50 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+def _plain(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict), whole and on the CPU on the main process, {} on the others.
+    `model` is the plain model whose parameters the optimizer updates (sharded in place under FSDP2). Every process
+    must call it: under FSDP it all-gathers the shards."""
+    model_state = get_model_state_dict(model, options=FULL_STATE)
+    if model_state:  # tied parameters (e.g. lm_head = embed_tokens) come back as separate gathered copies: share
+        first: dict[int, str] = {}  # them again, so that `save_pretrained` leaves the tied copy out as it does
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name and name in model_state:
+                model_state[name] = model_state[first[id(p)]]
+    optimizer = _plain(optimizer)
+    if not optimizer.state:  # no step taken yet (or all skipped): no tensors to gather, and torch's getter would
+        return model_state, optimizer.state_dict()  # first initialise the state with a zero-lr step
+    return model_state, get_optimizer_state_dict(model, optimizer, options=FULL_STATE)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load an optimizer state saved by `full_state` (or an index-keyed `optimizer.state_dict()` of an earlier
+    version) into `optimizer`, after `Accelerator.prepare`: each process keeps its shard under FSDP."""
+    optimizer = _plain(optimizer)
+    if not state["state"]:  # nothing but hyperparameters, by parameter index: loads whatever the sharding
+        optimizer.load_state_dict(state)
+        return
+    if all(isinstance(k, int) for k in state["state"]):  # index-keyed: name parameters in the optimizer's order
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        state = {"state": {order[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state: dict, keep: int,
+                    model_state: dict | None = None) -> Path:
+    """Write `model` (or, when given, `model_state`: `full_state`'s gathered state dict for it) and
+    `trainer_state` as checkpoint `step`, atomically; keep the last `keep` checkpoints."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
+    model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     with open(tmp / "trainer_state.pt", "wb") as f:
         torch.save(trainer_state, f)

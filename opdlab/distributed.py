@@ -1,6 +1,8 @@
 """What the training loop needs to run as one process or as many (`accelerate launch`), with one code path.
 
     accelerate launch --multi_gpu --num_processes 2 -m opdlab.cli train CONFIG.yaml   # DDP, one process per GPU
+    accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
+        --num_processes 2 -m opdlab.cli train CONFIG.yaml                               # FSDP2: the student sharded
     torchrun --nproc_per_node 2 -m opdlab.cli train CONFIG.yaml device=cpu              # two CPU processes, gloo
 
 A step's prompts are drawn from the same seeded stream on every process and each process takes its contiguous
@@ -8,19 +10,31 @@ share (`shard`), so a run with W processes sees the same prompts, in the same or
 rollout row samples from its own generator seeded by (seed, step, global row index) (`row_seeds`), so a row draws
 the same tokens whichever process, and whichever batch, it lands in. The loss of a micro-batch is weighted by its
 share of the global loss-token count (all-reduced), so the summed gradient equals the single-process one; DDP
-averages gradients over processes, hence the factor W in `loss_scale`.
+averages gradients over processes, and so does FSDP's reduce-scatter, hence the factor W in `loss_scale`.
 
 The student is handed to `Accelerator.prepare` as `StudentDecoder` (its decoder as one module returning the last
-hidden states), so every differentiable forward goes through the DDP wrapper, and `PreparedStudent` presents that
-wrapper with the model interface `opdlab.logprobs.student_forward` reads (`get_decoder`, `get_output_embeddings`,
-`config`). Sampling, evaluation and checkpoints use the plain model, which is why FSDP is refused for now: with
-FSDP2 (`fully_shard`, two gloo processes) the gradients through this wrapper equal the single-process ones times
-1/W, as `loss_scale` expects, but sampling from the sharded model stops with a DTensor error, and checkpoints would
-hold shards.
+hidden states), so every differentiable forward goes through the DDP or FSDP wrapper, and `PreparedStudent`
+presents that wrapper with the model interface `opdlab.logprobs.student_forward` reads (`get_decoder`,
+`get_output_embeddings`, `config`). Under FSDP2 accelerate applies `fully_shard` to each decoder layer
+(`StudentDecoder` forwards the model's `_no_split_modules`, which TRANSFORMER_BASED_WRAP reads) and then to the
+wrapper, whose unit holds the embedding, the final norm and the output layer; it stays unsharded from the forward
+until the backward, so the output layer applied to the hidden states outside the wrapped forward (the chunked
+log-probs) sees its whole weight and its gradient is reduce-scattered with the unit's. Everything else that calls
+the plain model (sampling, evaluation, the fidelity probe, an EMA teacher's update, lookahead scoring) runs inside
+`full_params(prepared)`, which unshards every unit for the block and reshards after it, and is a no-op under DDP
+and in one process. Checkpoints hold the whole model and optimizer state, gathered onto the main process
+(`opdlab.checkpoint.full_state`), so they resume with any process count, sharded or not. FSDP1 is refused
+(`check_supported`). Not run here: FSDP2 on GPUs (NCCL), with mixed precision, CPU offload or activation
+checkpointing, and the vLLM rollout backend under FSDP (`push_weights` reads the sharded state dict).
+
+What was checked, on CPU with two gloo processes (`tests/test_fsdp.py`; accelerate enables its FSDP plugin on GPUs
+only, so the test switches accelerate's CPU state to FSDP2 and `prepare` runs accelerate's own FSDP2 path): see
+the FSDP paragraph of README.md for the numbers.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,12 +48,65 @@ def make_accelerator(device: str) -> Accelerator:
     cannot switch between CPU and GPU within one process (and a single process uses `device` as configured)."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(cpu=device == "cpu" and launched, device_placement=False)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError(
-            "FSDP is not supported by the training loop yet: gradients through the FSDP wrapper are right, but "
-            "rollouts, evaluation and checkpoints use the student's parameters outside the wrapped forward, where "
-            "FSDP leaves them sharded. Launch with DDP (`accelerate launch --multi_gpu ...`) instead")
+    check_supported(accelerator)
     return accelerator
+
+
+def check_supported(accelerator) -> None:
+    """Refuse what the loop does not support: FSDP1 (accelerate's default `--fsdp_version`), whose flat parameters
+    `full_params` and the checkpoint's state gathering do not handle."""
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ValueError(
+            "FSDP1 is not supported by the training loop (accelerate's default --fsdp_version is 1): launch with "
+            "FSDP2, `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP "
+            "...` (or `fsdp_version: 2` in the config file), or with DDP (`accelerate launch --multi_gpu ...`)")
+
+
+def fsdp_units(prepared: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 modules (`fully_shard` units) of the prepared student, root first; [] under DDP or one process."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    return [m for m in prepared.modules() if isinstance(m, FSDPModule)]
+
+
+def _param_groups(unit) -> list:
+    state = unit._get_fsdp_state()
+    if hasattr(state, "_fsdp_param_groups"):  # torch 2.13, as here: a unit may hold several groups
+        return list(state._fsdp_param_groups)
+    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []  # earlier: one at most
+
+
+@contextmanager
+def full_params(prepared: torch.nn.Module, enabled: bool = True):
+    """The student's whole parameters for the block: sampling, evaluation, an EMA update, anything that calls the
+    plain model rather than the prepared wrapper. Under FSDP2 every unit is unsharded (an all-gather, so every
+    process must enter the block, even one that then does nothing in it) and kept unsharded through any forward in
+    the block (no collective inside it, so processes may run different numbers of forwards), then resharded.
+    A no-op under DDP and in one process, and when `enabled` is False."""
+    units = fsdp_units(prepared) if enabled else []
+    if not units:
+        yield
+        return
+    # FSDP2 takes the first unit to run forward as the root; sampling calls the layers directly, so make sure the
+    # wrapper (the unit `fully_shard` was applied to last) is the root before anything runs. (FSDP2 internals, as
+    # of torch 2.13; `set_reshard_after_forward` is public but cannot say what to restore.)
+    units[0]._get_fsdp_state()._lazy_init()
+    groups = [g for u in units for g in _param_groups(u)]
+    after_forward = [g.post_forward_mesh_info for g in groups]
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+    handles = [u.unshard(async_op=True) for u in units]
+    try:
+        for h in handles:
+            h.wait()
+        yield
+    finally:
+        for g, info in zip(groups, after_forward):
+            g.post_forward_mesh_info = info
+        for u in units:
+            u.reshard()
 
 
 class StudentDecoder(torch.nn.Module):
@@ -50,12 +117,20 @@ class StudentDecoder(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
+    @property
+    def _no_split_modules(self):  # the layer classes accelerate's TRANSFORMER_BASED_WRAP shards one by one
+        return getattr(self.lm, "_no_split_modules", None)
+
     def forward(self, **inputs):
         return self.lm.get_decoder()(**inputs)
 
 
 class PreparedStudent:
-    """The student as `student_forward` sees it: decoder calls go through the prepared (DDP) wrapper."""
+    """The student as `student_forward` sees it: decoder calls go through the prepared (DDP or FSDP2) wrapper. The
+    output layer is the plain model's; under FSDP2 its weight belongs to the wrapper's root unit, which stays
+    unsharded from the wrapper's forward until the backward is done, so applying it to the hidden states outside
+    the wrapped forward (as `student_forward` does, in chunks) sees the whole weight and its gradient is
+    reduce-scattered with the root's."""
 
     def __init__(self, lm: torch.nn.Module, prepared: torch.nn.Module):
         self.lm, self.prepared = lm, prepared

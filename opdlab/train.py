@@ -9,10 +9,12 @@ its table entry asks the teacher for). With `objective.gkd_lambda` < 1 a step tr
 sampler so a resumed run makes the same choices. Special tokens are masked out of every objective's loss
 (`opdlab.masking`).
 
-The same loop runs as one process or as several under `accelerate launch` (DDP): each process takes its share
+The same loop runs as one process or as several under `accelerate launch` (DDP or FSDP2): each process takes its share
 of the step's prompts, every rollout row draws from its own seeded generator, losses are weighted by the global
-loss-token count, metrics are summed over processes, and the main process alone logs and writes checkpoints, which
-any process count that divides `rollout.prompts_per_step` resumes (`opdlab.distributed`). The teacher may be
+loss-token count, metrics are summed over processes, and the main process alone logs and writes checkpoints (whole,
+gathered from every process's shard under FSDP), which any process count that divides `rollout.prompts_per_step`
+resumes (`opdlab.distributed`). Whatever calls the plain student (sampling, evaluation) runs inside
+`full_params(prepared)`, which gathers FSDP-sharded parameters and does nothing otherwise. The teacher may be
 served over HTTP (`remote_teacher.url`, `opdlab.remote_teacher`) and rollouts may come from vLLM
 (`rollout.backend`, `opdlab.samplers`).
 """
@@ -27,10 +29,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from opdlab.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from opdlab.checkpoint import (full_state, latest_checkpoint, load_checkpoint, load_optimizer_state, rng_state,
+                               save_checkpoint, set_rng_state)
 from opdlab.config import RunConfig, save_config
-from opdlab.distributed import (PreparedStudent, StudentDecoder, global_sum, loss_scale, make_accelerator, row_seeds,
-                                shard, sum_dicts)
+from opdlab.distributed import (PreparedStudent, StudentDecoder, fsdp_units, full_params, global_sum, loss_scale,
+                                make_accelerator, row_seeds, shard, sum_dicts)
 from opdlab.hindsight import rollout_diagnostics
 from opdlab.logprobs import student_forward
 from opdlab.models import check_compatible, load_model
@@ -132,15 +135,20 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             raise TrainingError(f"--resume: no checkpoint under {ckpt_root}")
-        state = load_checkpoint(ckpt, student)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_checkpoint(ckpt, student)  # the whole model, before `prepare` shards it (FSDP)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         stream.position, start_step, bad_steps = state["data_position"], state["step"], state["bad_steps"]
         if ema_teacher is not None:
             ema_teacher.load_state_dict(state["ema_teacher"])
-    # the differentiable forward goes through the DDP wrapper; sampling, eval and checkpoints use `student`
+    # the differentiable forward goes through the DDP / FSDP wrapper; sampling, eval and checkpoints use `student`
     prepared, optimizer = accelerator.prepare(StudentDecoder(student), optimizer)
+    if resume:  # after `prepare`, which under FSDP replaces the parameters by their shards
+        load_optimizer_state(student, optimizer, state["optimizer"])
+    if cfg.rollout.backend == "vllm" and fsdp_units(prepared):
+        raise ValueError("rollout.backend=vllm is not supported under FSDP: the weight push after each step reads "
+                         "the student's state_dict, which FSDP holds in shards. Use DDP (`accelerate launch "
+                         "--multi_gpu`) with vLLM, or the built-in sampler (rollout.backend=builtin) with FSDP")
     trained = PreparedStudent(student, prepared)
     sampler = make_sampler(cfg.rollout, student, tokenizer, pairing.vocab_size, cfg.student.path)
     logger = MetricsLogger(run_dir, start_step=start_step) if main else None
@@ -163,13 +171,14 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         problems = [p for p in prompts for _ in range(cfg.rollout.samples_per_prompt)]
         on_policy = cfg.objective.gkd_lambda >= 1 or \
             torch.rand(1, generator=generator, device=device).item() < cfg.objective.gkd_lambda
-        if on_policy:
-            rollouts = sampler.sample(problems, row_seeds(cfg.train.seed, step, first * cfg.rollout.samples_per_prompt,
-                                                          len(problems)))
-        else:
-            rollouts = reference_rollouts(student, tokenizer, problems, [task.target(p) for p in problems],
-                                          max_new_tokens=cfg.rollout.max_new_tokens, vocab_size=pairing.vocab_size,
-                                          chunk_size=cfg.scoring.chunk_size)
+        with full_params(prepared):  # FSDP: the student's parameters gathered around sampling (no-op otherwise)
+            if on_policy:
+                rollouts = sampler.sample(problems, row_seeds(cfg.train.seed, step,
+                                                              first * cfg.rollout.samples_per_prompt, len(problems)))
+            else:
+                rollouts = reference_rollouts(student, tokenizer, problems, [task.target(p) for p in problems],
+                                              max_new_tokens=cfg.rollout.max_new_tokens,
+                                              vocab_size=pairing.vocab_size, chunk_size=cfg.scoring.chunk_size)
         rollouts = with_loss_mask(rollouts, masked_ids)
         rewards = task.verify_batch(problems, rollouts.texts)
         t1 = time.perf_counter()
@@ -179,10 +188,12 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         # also gets the student's top-K candidates at its high-entropy positions scored one step ahead, in the
         # same teacher passes (opdlab.tree_attention)
         views = ("full", "partial") if teacher_request.both_views else (cfg.privileged.view,)
-        scores = score_views(teacher, tokenizer, rollouts, views, cfg.privileged, pairing.vocab_size,
-                             top_k=max(cfg.scoring.top_k, teacher_request.top_k), chunk_size=cfg.scoring.chunk_size,
-                             keep_hidden=teacher_request.hidden, lookahead=teacher_request.lookahead,
-                             student=student if teacher_request.lookahead is not None else None)
+        with full_params(prepared, enabled=teacher_request.lookahead is not None):  # lookahead runs the student
+            scores = score_views(teacher, tokenizer, rollouts, views, cfg.privileged, pairing.vocab_size,
+                                 top_k=max(cfg.scoring.top_k, teacher_request.top_k),
+                                 chunk_size=cfg.scoring.chunk_size, keep_hidden=teacher_request.hidden,
+                                 lookahead=teacher_request.lookahead,
+                                 student=student if teacher_request.lookahead is not None else None)
         t2 = time.perf_counter()
         # 3. loss and update, accumulated over micro-batches, normalised by the loss-token count of the whole batch,
         # every process's share included (the loss is scaled by the process count because DDP averages gradients)
@@ -217,7 +228,8 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             optimizer.step()
             bad_steps = 0
             if ema_teacher is not None:
-                ema_teacher.update(student)
+                with full_params(prepared):
+                    ema_teacher.update(student)
             sampler.push_weights(student)  # a vLLM engine samples the next step from the new weights
         else:  # never let a NaN/inf reach the weights: skip the update, stop if it keeps happening
             optimizer.zero_grad(set_to_none=True)
@@ -246,31 +258,37 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             # hindsight leakage and step errors against the oracle trace (opdlab.hindsight), student rollouts only
             **(rollout_diagnostics(problems, rollouts.texts) if on_policy else {}),
         }
-        if not main:  # the main process alone evaluates, logs and saves
+        # the main process alone evaluates, logs and saves; every process takes part in gathering what FSDP shards
+        evaluating = bool(cfg.train.eval_every) and (step + 1) % cfg.train.eval_every == 0
+        probing = bool(cfg.train.fidelity_every) and (step + 1) % cfg.train.fidelity_every == 0
+        saving = (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps
+        model_state, optimizer_state = full_state(student, optimizer) if saving else ({}, {})
+        with full_params(prepared, enabled=evaluating or probing):
+            if main and evaluating:
+                from opdlab.evaluate import evaluate
+                result = evaluate(student, tokenizer, task, cfg.eval, seed=cfg.train.seed,
+                                  vocab_size=pairing.vocab_size, progress=False)
+                metrics[f"eval/mean@{cfg.eval.k}"] = result.mean_at_k
+                metrics[f"eval/pass@{cfg.eval.k}"] = result.pass_at_k
+                metrics.update({f"eval/mean@{cfg.eval.k}_len_{b.label}": b.mean_reward for b in result.buckets
+                                if b.mean_reward is not None})  # by response length (eval.length_buckets)
+            if fidelity_probe is not None and probing:
+                metrics.update(fidelity_probe(student, step + 1))
+        if not main:
             continue
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
-            from opdlab.evaluate import evaluate
-            result = evaluate(student, tokenizer, task, cfg.eval, seed=cfg.train.seed, vocab_size=pairing.vocab_size,
-                              progress=False)
-            metrics[f"eval/mean@{cfg.eval.k}"] = result.mean_at_k
-            metrics[f"eval/pass@{cfg.eval.k}"] = result.pass_at_k
-            metrics.update({f"eval/mean@{cfg.eval.k}_len_{b.label}": b.mean_reward for b in result.buckets
-                            if b.mean_reward is not None})  # by response length (eval.length_buckets)
-        if fidelity_probe is not None and (step + 1) % cfg.train.fidelity_every == 0:
-            metrics.update(fidelity_probe(student, step + 1))
         logger.log(step + 1, metrics)
         if (step + 1) % cfg.train.sample_every == 0 or step == start_step:
             logger.samples(step + 1, rollouts, rewards, scores)
         bar.set_postfix(loss=f"{loss_total:.3f}", rkl=f"{metrics.get('train/reverse_kl', 0):.3f}",
                         reward=f"{metrics.get('train/reward', math.nan):.2f}")
 
-        if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+        if saving:
             save_checkpoint(ckpt_root, step + 1, student, tokenizer, {
                 "step": step + 1, "data_position": stream.position, "bad_steps": bad_steps,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": rng_state(generator),
                 **({"ema_teacher": ema_teacher.state_dict()} if ema_teacher is not None else {})},
-                keep=cfg.train.keep_checkpoints)
+                keep=cfg.train.keep_checkpoints, model_state=model_state)
     accelerator.wait_for_everyone()
     if main:
         logger.close()
