@@ -32,6 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_same_step_metrics(rows_one: list[dict], rows_two: list[dict]) -> None:
+    """Three logged steps with the same whole-batch numbers (loss, KL, grad norm, entropies to 1e-5; lengths and
+    rewards exactly)."""
+    assert [r["step"] for r in rows_two] == [1, 2, 3]
+    for a, b in zip(rows_one, rows_two):
+        for key in ("train/loss", "train/reverse_kl", "train/grad_norm", "student/entropy", "teacher/entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+        assert b["train/response_len"] == a["train/response_len"]
+        assert b["train/reward"] == a["train/reward"]
+
+
 def launch_two_processes(configs: list[Path], log: Path) -> str:
     """Runs tests/distributed_worker.py on `configs` in two gloo processes; returns the output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -73,12 +84,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(two_process_runs, 
 
     # the logged numbers are the whole batch's, reduced over both processes
     rows_one, rows_two = metric_rows(one), metric_rows(root / objective)
-    assert [r["step"] for r in rows_two] == [1, 2, 3]
-    for a, b in zip(rows_one, rows_two):
-        for key in ("train/loss", "train/reverse_kl", "train/grad_norm", "student/entropy", "teacher/entropy"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
-        assert b["train/response_len"] == a["train/response_len"]
-        assert b["train/reward"] == a["train/reward"]
+    assert_same_step_metrics(rows_one, rows_two)
     w_one, w_two = weights(one, 3), weights(root / objective, 3)
     assert max_diff(w_one, init_weights(model_dirs)) > 1e-3  # training moved the weights
     # Same weights to fp32 tolerance. Adam divides by sqrt(v) + 1e-8, so an element whose gradient is itself near
