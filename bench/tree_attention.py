@@ -169,6 +169,11 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", choices=["scoring", "steps", "task"], default=["scoring", "steps", "task"],
                    help="scoring: naive vs tree; steps: lgr vs opd steps at each length; task: on the built-in task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 on a shared CPU)")
+    p.add_argument("--student", help="student model directory (default: the built-in student)")
+    p.add_argument("--teacher", help="teacher model directory (default: the built-in teacher)")
+    p.add_argument("--task-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides of the task row, after its defaults, e.g. task.min_steps=8 "
+                        "task.max_steps=12 rollout.max_new_tokens=400 rollout.prompts_per_step=16")
     p.add_argument("--quick", action="store_true", help="256 tokens only, naive capped at 40 positions")
     args = p.parse_args()
     if args.threads:
@@ -185,6 +190,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dirs, kind = model_dirs(root)
+        if args.student or args.teacher:
+            dirs = {"student": args.student or dirs["student"], "teacher": args.teacher or dirs["teacher"]}
+            kind = f"student {dirs['student']}, teacher {dirs['teacher']}"
         print(f"# tree attention bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s)")
         print(f"# models: {kind}; K = {args.k}, tau = {args.tau}, tree segment = {segment}; load average before "
@@ -207,7 +215,7 @@ def main() -> None:
         if "task" in args.parts:
             tqdm.write(steps_row(bench_steps(dirs, root, "task", [
                 *common, "task.max_steps=3", "task.max_value=19", "rollout.prompts_per_step=32",
-                "rollout.max_new_tokens=96"], args.steps, eos=True)))
+                "rollout.max_new_tokens=96", *args.task_overrides], args.steps, eos=True)))
     load_after = os.getloadavg()
     print(f"\n# load average after {load_after[0]:.2f}" + (
         "  (the CPU was busy: timings are noisy)" if max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
