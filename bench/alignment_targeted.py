@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from opdlab.diagnostics.alignment_targeted import continue_forced
 from opdlab.models import build_char_tokenizer, init_builtin_model
+from opdlab.rollout import draw
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def unshared(model, prefix_ids_L, first_N, steps, generator):
     cache, L = out.past_key_values, ids_N_L.shape[1]
     rows = [first_N]
     for step in range(steps):
-        tok_N = torch.multinomial(F.softmax(out.logits[:, -1].float(), -1), 1, generator=generator).squeeze(-1)
+        tok_N = draw(F.softmax(out.logits[:, -1].float(), -1), generator)  # the sampler continue_forced uses
         rows.append(tok_N)
         if step + 1 < steps:
             out = model(input_ids=tok_N[:, None], past_key_values=cache, use_cache=True,
