@@ -104,8 +104,8 @@ def length_table(results: dict) -> Table:
     count differs between models, since each model's own responses fill it)."""
     k = results["k"]
     rows = {"before": list(results["before_by_length"].values())}
-    rows.update({name: [r.get("after_by_length", {}) for r in runs.values()] for name, runs in results["runs"].items()})
-    labels = [lab for lab in dict.fromkeys(lab for per_seed in rows.values() for d in per_seed for lab in d)]
+    rows.update({name: [r["after_by_length"] for r in runs.values()] for name, runs in results["runs"].items()})
+    labels = list(dict.fromkeys(lab for per_seed in rows.values() for d in per_seed for lab in d))
     table = Table(title=f"mean@{k} by response length (tokens), mean over seeds that have the bucket")
     table.add_column("student", justify="left")
     for lab in labels:

@@ -24,8 +24,9 @@ the plain model (sampling, evaluation, the fidelity probe, an EMA teacher's upda
 `full_params(prepared)`, which unshards every unit for the block and reshards after it, and is a no-op under DDP
 and in one process. Checkpoints hold the whole model and optimizer state, gathered onto the main process
 (`opdlab.checkpoint.full_state`), so they resume with any process count, sharded or not. FSDP1 is refused
-(`check_supported`). Not run here: FSDP2 on GPUs (NCCL), with mixed precision, CPU offload or activation
-checkpointing, and the vLLM rollout backend under FSDP (`push_weights` reads the sharded state dict).
+(`check_supported`), and so is the vLLM rollout backend under FSDP (`train` stops at start-up: its weight push
+reads the student's state dict, which FSDP holds in shards). Not run here: FSDP2 on GPUs (NCCL), with mixed
+precision, CPU offload or activation checkpointing.
 
 What was checked, on CPU with two gloo processes (`tests/test_fsdp.py`; accelerate enables its FSDP plugin on GPUs
 only, so the test switches accelerate's CPU state to FSDP2 and `prepare` runs accelerate's own FSDP2 path): see
