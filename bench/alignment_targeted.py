@@ -5,7 +5,7 @@ cache, against the same continuations with the prefix run once per row. One tabl
     python bench/alignment_targeted.py --quick              # smoke mode
 
 A node's |C| x n continuations all start with the same prefix (prompt + the rollout's first t tokens).
-`opdlab.diagnostics.alignment_targeted.continue_forced` runs that prefix once (batch 1), repeats its KV cache to the
+`opdlab.diagnostics.alignment.targeted.continue_forced` runs that prefix once (batch 1), repeats its KV cache to the
 N rows and decodes from the forced tokens. The baseline here prefills the N rows with prefix + forced token (N x L
 prefix positions), then decodes the same way. Both sample the same number of steps with EOS suppressed, so the
 difference is the prefix work alone; it grows with the node's depth. Model: the built-in student's architecture,
@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from opdlab.diagnostics.alignment_targeted import continue_forced
-from opdlab.models import build_char_tokenizer, init_builtin_model
-from opdlab.rollout import draw
+from opdlab.diagnostics.alignment.targeted import continue_forced
+from opdlab.models.loading import build_char_tokenizer, init_builtin_model
+from opdlab.rollout.builtin import draw
 
 
 @torch.no_grad()
@@ -47,7 +47,8 @@ def unshared(model, prefix_ids_L, first_N, steps, generator):
 def first_step_gap(model, prefix_ids_L, first_N) -> float:
     """max |log p| difference of the first sampled position: shared cache vs full prefill."""
     N = first_N.shape[0]
-    full = F.log_softmax(model(input_ids=torch.cat([prefix_ids_L.expand(N, -1), first_N[:, None]], 1)).logits[:, -1], -1)
+    full = F.log_softmax(model(input_ids=torch.cat([prefix_ids_L.expand(N, -1), first_N[:, None]], 1)).logits[:, -1],
+                         -1)
     out = model(input_ids=prefix_ids_L[None], use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(N)

@@ -5,7 +5,7 @@
     python bench/objective_memory.py --quick     # 2 x 256, chunk_size 1024 (~1 min)
     python bench/objective_memory.py --threads 1
 
-What one variant measures, in a fresh subprocess: the student's forward (`opdlab.logprobs.student_forward`), the
+What one variant measures, in a fresh subprocess: the student's forward (`opdlab.models.logprobs.student_forward`), the
 objective and `loss.backward()`, i.e. what `train()` does between teacher scoring and the optimizer step, on one
 batch of random token ids (16 prompt + `--new-tokens` completion tokens per sequence). The models are a 1-layer
 Llama pair with hidden size 64 and the Qwen-family vocabulary, so the output layer dominates as it does in real
@@ -18,8 +18,8 @@ the step is flagged.
 
   * jsd   `objective.name=jsd` (default `--beta 1`: KL(student || teacher) over all 151,936 tokens, the loss TRL's
           GKDTrainer computes). Logits of both models are made `chunk_size` positions at a time.
-  * lsm   `objective.name=lsm`, support = the teacher's top-32 (`objective.top_k=32`): the student's logits are still
-          made a chunk at a time (to gather them at the support), the teacher's come as K values per position.
+  * lsm   `objective.name=lsm`, support = the teacher's top-32 (`objective.support_k=32`): the student's logits are
+          still made a chunk at a time (to gather them at the support), the teacher's come as K values per position.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def save_pair(root: Path) -> dict[str, Path]:
     `load_model` takes them (its ids are not used)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdlab.models import build_char_tokenizer
+    from opdlab.models.loading import build_char_tokenizer
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
@@ -81,15 +81,15 @@ def worker(dirs: dict[str, str], objective: str, chunk_size: int, batch: int, ne
            out_path: str) -> None:
     """Runs in a fresh process: one student forward + `objective` + backward; writes its peak and timing."""
     from opdlab.config import ModelConfig, ObjectiveConfig
-    from opdlab.logprobs import student_forward
-    from opdlab.models import load_model
+    from opdlab.models.logprobs import student_forward
+    from opdlab.models.loading import load_model
     from opdlab.objectives import OBJECTIVES, as_objective
-    from opdlab.teacher import score
+    from opdlab.teacher.scoring import score
 
     student, _ = load_model(ModelConfig(path=dirs["student"]), trainable=True)
     teacher, _ = load_model(ModelConfig(path=dirs["teacher"]))
     rollouts = random_rollouts(batch, new_tokens)
-    cfg = ObjectiveConfig(name=objective, beta=beta, top_k=TOP_K)
+    cfg = ObjectiveConfig(name=objective, support_k=TOP_K, divergence={"beta": beta})
     fn = as_objective(OBJECTIVES[objective])
     request = fn.teacher_request(cfg)
     scores = score(teacher, rollouts, VOCAB, top_k=request.top_k, chunk_size=SCORING_CHUNK, keep_hidden=request.hidden)

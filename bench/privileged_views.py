@@ -5,11 +5,11 @@
     python bench/privileged_views.py --threads 1  # use 1 on a shared CPU
 
 The privileged objectives need the teacher's distribution under the full and the partial view of the oracle trace.
-`opdlab.privileged.score_views(..., ["full", "partial"])` stacks the two prompt batches (2B rows) and calls
-`opdlab.teacher.score` once; the alternative is two `score` calls of B rows. Both give the same numbers
+`opdlab.teacher.views.score_views(..., ["full", "partial"])` stacks the two prompt batches (2B rows) and calls
+`opdlab.teacher.scoring.score` once; the alternative is two `score` calls of B rows. Both give the same numbers
 (tests/test_privileged.py checks it); this prints their time (median of interleaved repeats), the ratio, and the max
 abs difference of the sampled-token log-probs. Models are random-init with the built-in teacher's size (speed does
-not depend on training), saved and loaded through `opdlab.models.load_model`; prompts are built-in arithmetic
+not depend on training), saved and loaded through `opdlab.models.loading.load_model`; prompts are built-in arithmetic
 problems (2-3 steps) with the default template, rollouts 96 tokens with EOS never sampled.
 """
 from __future__ import annotations
@@ -33,10 +33,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from opdlab.config import ModelConfig, PrivilegedConfig
-    from opdlab.models import build_char_tokenizer, init_builtin_model, load_model
-    from opdlab.privileged import score_views, view_prompt_ids
+    from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
+    from opdlab.teacher.views import score_views, view_prompt_ids
     from opdlab.tasks.arithmetic import ArithmeticTask
-    from opdlab.teacher import score
+    from opdlab.teacher.scoring import score
     from opdlab.types import Rollouts
 
     tok = build_char_tokenizer()
@@ -46,7 +46,7 @@ def main() -> None:
         teacher, tok = load_model(ModelConfig(path=d))
     task = ArithmeticTask(2, 3, seed=0, max_value=19)
     problems = [task.problems("train")[i] for i in range(args.batch)]
-    from opdlab.prompts import encode_prompts, render_prompt
+    from opdlab.models.prompts import encode_prompts, render_prompt
     ids, mask = encode_prompts(tok, [render_prompt(tok, q.question) for q in problems])
     g = torch.Generator().manual_seed(0)
     comp = torch.randint(5, 90, (args.batch, args.tokens), generator=g)  # printable characters, no EOS

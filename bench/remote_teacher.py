@@ -4,8 +4,8 @@ side by side in one table.
     python bench/remote_teacher.py --threads 1          # 32 rows x 128 completion tokens, 3 repeats a variant
     python bench/remote_teacher.py --quick               # 8 rows x 32 tokens, 1 repeat
 
-Rows: `opdlab.teacher.score` with the built-in teacher's architecture (random-init Llama, hidden 128, 4 layers,
-character vocabulary), then `opdlab.remote_teacher.RemoteTeacher.score` against `opdlab serve-teacher` started as a
+Rows: `opdlab.teacher.scoring.score` with the built-in teacher's architecture (random-init Llama, hidden 128, 4 layers,
+character vocabulary), then `opdlab.teacher.remote.RemoteTeacher.score` against `opdlab serve-teacher` started as a
 subprocess on 127.0.0.1 with the same weights, for a few (top-K, rows per request, requests in flight) settings.
 Each row reports completion tokens/s (median of the repeats, after one warm-up call) and its ratio to in-process
 scoring, and checks that the served log-probs equal the in-process ones. What the ratio shows is the cost of the
@@ -29,7 +29,7 @@ import torch
 def make_models(root: Path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdlab.models import BUILTIN_SIZES, build_char_tokenizer
+    from opdlab.models.loading import BUILTIN_SIZES, build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def make_models(root: Path):
 
 
 def make_rollouts(tokenizer, rows: int, length: int):
-    from opdlab.prompts import encode_prompts, render_prompt
+    from opdlab.models.prompts import encode_prompts, render_prompt
     from opdlab.tasks.arithmetic import ArithmeticTask
     from opdlab.types import Rollouts
 
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     rows, length, repeats = (8, 32, 1) if args.quick else (32, 128, 3)
 
     from opdlab.config import ModelConfig
-    from opdlab.models import load_model
-    from opdlab.remote_teacher import RemoteTeacher
-    from opdlab.teacher import score
+    from opdlab.models.loading import load_model
+    from opdlab.teacher.remote import RemoteTeacher
+    from opdlab.teacher.scoring import score
 
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = make_models(Path(tmp))

@@ -8,8 +8,8 @@
 What it measures (all on CPU or whatever `--device` names; models are random-init, since speed does not depend on
 training):
 
-  * rollout      `opdlab.rollout.sample` with the built-in student: generated tokens / s.
-  * scoring      `opdlab.teacher.score` with the built-in teacher on those rollouts: completion tokens / s (the
+  * rollout      `opdlab.rollout.builtin.sample` with the built-in student: generated tokens / s.
+  * scoring      `opdlab.teacher.scoring.score` with the built-in teacher on those rollouts: completion tokens / s (the
                  forward pass also covers the prompts).
   * OPD step     `opdlab.train.train()` itself for a few steps, read back from metrics.jsonl: `perf/tokens_per_s`
                  (completion tokens / whole step) and its split `perf/rollout_s`, `perf/teacher_s`,
@@ -21,8 +21,8 @@ training):
                  subprocess and reports ru_maxrss minus the RSS just before the call, so weights and inputs do not
                  count; the variants' log-probs are compared to check they compute the same thing.
 
-The built-in models are saved with `save_pretrained` to a temp dir and loaded with `opdlab.models.load_model`, the
-path a run takes. EOS is suppressed during the bench (the stop-token list is replaced by an id that is never
+The built-in models are saved with `save_pretrained` to a temp dir and loaded with `opdlab.models.loading.load_model`,
+the path a run takes. EOS is suppressed during the bench (the stop-token list is replaced by an id that is never
 sampled) so every rollout is exactly `max_new_tokens` long: a random-init model would otherwise stop at random
 lengths. The decode loop computes every row at every step either way, so this changes only when the loop ends.
 """
@@ -56,19 +56,19 @@ MEMORY_TOP_K = 8
 @contextlib.contextmanager
 def eos_suppressed() -> Iterator[None]:
     """Make `sample` (and so `train()`) never stop early: its stop-token list becomes an id no sampler returns."""
-    import opdlab.rollout
+    import opdlab.rollout.builtin
 
-    real = opdlab.rollout.stop_token_ids
-    opdlab.rollout.stop_token_ids = lambda model, tokenizer: [-1]
+    real = opdlab.rollout.builtin.stop_token_ids
+    opdlab.rollout.builtin.stop_token_ids = lambda model, tokenizer: [-1]
     try:
         yield
     finally:
-        opdlab.rollout.stop_token_ids = real
+        opdlab.rollout.builtin.stop_token_ids = real
 
 
 def save_builtin_models(root: Path) -> dict[str, Path]:
     """Random-init built-in teacher and student, each saved with the character tokenizer beside it."""
-    from opdlab.models import build_char_tokenizer, init_builtin_model
+    from opdlab.models.loading import build_char_tokenizer, init_builtin_model
 
     tokenizer = build_char_tokenizer()
     dirs = {}
@@ -114,10 +114,10 @@ def n_params(model: torch.nn.Module) -> int:
 def bench_speed(dirs: dict[str, Path], batch: int, new_tokens: int, repeats: int, device: str) -> dict:
     """Standalone rollout and teacher-scoring throughput on one fixed batch of arithmetic prompts."""
     from opdlab.config import ModelConfig
-    from opdlab.models import check_compatible, load_model
-    from opdlab.rollout import sample
+    from opdlab.models.loading import check_compatible, load_model
+    from opdlab.rollout.builtin import sample
     from opdlab.tasks.arithmetic import ArithmeticTask
-    from opdlab.teacher import score
+    from opdlab.teacher.scoring import score
 
     student, tok = load_model(ModelConfig(path=str(dirs["student"])), device)
     teacher, t_tok = load_model(ModelConfig(path=str(dirs["teacher"])), device)
@@ -169,7 +169,7 @@ def save_memory_model(root: Path) -> Path:
     scoring memory does. Saved with the char tokenizer so `load_model` takes it (its ids are not used)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdlab.models import build_char_tokenizer
+    from opdlab.models.loading import build_char_tokenizer
 
     config = LlamaConfig(vocab_size=MEMORY_VOCAB, hidden_size=MEMORY_HIDDEN, intermediate_size=4 * MEMORY_HIDDEN,
                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
@@ -183,7 +183,7 @@ def save_memory_model(root: Path) -> Path:
 
 def naive_scores(teacher, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor, P: int, top_k: int) -> dict:
     """What one writes without chunking: full logits for every position, then the statistics from them."""
-    from opdlab.prompts import position_ids
+    from opdlab.models.prompts import position_ids
 
     logits_B_L_V = teacher(input_ids=ids_B_L, attention_mask=mask_B_L, position_ids=position_ids(mask_B_L)).logits
     logp_B_T_V = torch.log_softmax(logits_B_L_V[:, P - 1:-1].float(), dim=-1)
@@ -201,8 +201,8 @@ def naive_scores(teacher, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor, P: int,
 def memory_worker(model_dir: str, variant: str, seq_len: int, out_path: str) -> None:
     """Runs in a fresh process: score one sequence with `variant` ('full' or 'chunk<N>') and write the numbers."""
     from opdlab.config import ModelConfig
-    from opdlab.models import load_model
-    from opdlab.teacher import score
+    from opdlab.models.loading import load_model
+    from opdlab.teacher.scoring import score
     from opdlab.types import Rollouts
 
     teacher, _ = load_model(ModelConfig(path=model_dir))

@@ -17,8 +17,8 @@ teacher hidden states plus every candidate's teacher distribution one step ahead
 
     naive  the ordinary scoring forward over the rollout, then one teacher forward per trigger position over the K
            sequences (prompt, y_<t, v_k), batched K at a time (each candidate still gets its own full-prefix forward)
-    tree   `opdlab.tree_attention.tree_forward`: the rollout once, segment by segment, and all candidate leaves in
-           batches on top of its KV cache
+    tree   `opdlab.teacher.tree_attention.tree_forward`: the rollout once, segment by segment, and all candidate leaves
+           in batches on top of its KV cache
 
 Both reduce each candidate's distribution to the same statistics (`leaf_confidence`); the table prints the largest
 difference between the two. With `--naive-max N`, the naive pass times a uniform sample of N trigger positions per
@@ -51,7 +51,7 @@ from throughput import eos_suppressed, save_builtin_models  # noqa: E402
 
 
 def model_dirs(root: Path) -> tuple[dict[str, str], str]:
-    from opdlab.models import ModelLoadError, resolve_path
+    from opdlab.models.loading import ModelLoadError, resolve_path
     try:
         return {n: resolve_path(f"builtin:{n}") for n in ("student", "teacher")}, "built-in (prepared)"
     except ModelLoadError:
@@ -74,11 +74,11 @@ def naive_candidates(teacher, rollouts, trigger_B_T, ids_B_T_K, leaf_fn, positio
 @torch.no_grad()
 def bench_scoring(dirs, L: int, batch: int, k: int, tau: float, segment: int, naive_max: int | None) -> dict:
     from opdlab.config import ModelConfig
-    from opdlab.logprobs import completion_hidden
-    from opdlab.models import load_model
-    from opdlab.rollout import sample
+    from opdlab.models.logprobs import completion_hidden
+    from opdlab.models.loading import load_model
+    from opdlab.rollout.builtin import sample
     from opdlab.tasks.arithmetic import ArithmeticTask
-    from opdlab.tree_attention import leaf_confidence, student_candidates, tree_forward
+    from opdlab.teacher.tree_attention import leaf_confidence, student_candidates, tree_forward
 
     student, tok = load_model(ModelConfig(path=dirs["student"]))
     teacher, _ = load_model(ModelConfig(path=dirs["teacher"]))
@@ -172,8 +172,8 @@ def main() -> None:
     p.add_argument("--student", help="student model directory (default: the built-in student)")
     p.add_argument("--teacher", help="teacher model directory (default: the built-in teacher)")
     p.add_argument("--task-overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides of the task row, after its defaults, e.g. task.min_steps=8 "
-                        "task.max_steps=12 rollout.max_new_tokens=400 rollout.prompts_per_step=16")
+                   help="config overrides of the task row, after its defaults, e.g. task.arithmetic.min_steps=8 "
+                        "task.arithmetic.max_steps=12 rollout.max_new_tokens=400 rollout.prompts_per_step=16")
     p.add_argument("--quick", action="store_true", help="256 tokens only, naive capped at 40 positions")
     args = p.parse_args()
     if args.threads:
@@ -181,9 +181,9 @@ def main() -> None:
     if args.quick:
         args.lengths, args.naive_max, args.steps = [256], args.naive_max or 40, 2
     from opdlab.config import ObjectiveConfig
-    segment = args.segment or ObjectiveConfig().lookahead_segment
-    common = [f"objective.lookahead_k={args.k}", f"objective.lookahead_tau={args.tau}",
-              f"objective.lookahead_segment={segment}"]
+    segment = args.segment or ObjectiveConfig().lookahead.segment
+    common = [f"objective.lookahead.k={args.k}", f"objective.lookahead.tau={args.tau}",
+              f"objective.lookahead.segment={segment}"]
     import transformers
 
     load_before = os.getloadavg()
@@ -214,7 +214,7 @@ def main() -> None:
                     args.steps, eos=False)))
         if "task" in args.parts:
             tqdm.write(steps_row(bench_steps(dirs, root, "task", [
-                *common, "task.max_steps=3", "task.max_value=19", "rollout.prompts_per_step=32",
+                *common, "task.arithmetic.max_steps=3", "task.arithmetic.max_value=19", "rollout.prompts_per_step=32",
                 "rollout.max_new_tokens=96", *args.task_overrides], args.steps, eos=True)))
     load_after = os.getloadavg()
     print(f"\n# load average after {load_after[0]:.2f}" + (

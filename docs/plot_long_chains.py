@@ -1,7 +1,9 @@
-"""The README's long-chain figure: held-out mean@k by step for each objective of an `opdlab compare` run (mean over
-seeds, min-max band), and the teacher's fidelity on student prefixes from `opdlab diagnose fidelity` outputs.
+"""The long-chain figure of docs/results/lookahead-long-chains.md: held-out mean@k by step for each objective of an
+`opdlab compare` run (mean over seeds, min-max band), and the teacher's fidelity on student prefixes from
+`opdlab diagnose fidelity` outputs.
 
-    python docs/plot_long_chains.py COMPARE_DIR/compare.json OUT.png before=FIDELITY_DIR "after opd (seed 0)"=DIR ...
+    python docs/plot_long_chains.py COMPARE_DIR/compare.json docs/figures/lookahead_long_chains.png \
+        before=FIDELITY_DIR "after opd (seed 0)"=DIR "after lookahead (seed 0)"=DIR
 """
 import json
 import statistics

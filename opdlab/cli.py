@@ -22,12 +22,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from accelerate import PartialState
 from pydantic import Field
+from rich.console import Console
 
 from opdlab.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, TaskConfig, _Section, describe,
                            load_config)
+from opdlab.diagnostics.alignment import run as alignment_diagnostic
+from opdlab.diagnostics.fidelity import measure as fidelity_diagnostic
+from opdlab.evaluate import evaluate
+from opdlab.experiments.compare import main as compare_main
+from opdlab.experiments.demo import prepare_builtin, run_demo
+from opdlab.experiments.privileged_compare import main as privileged_main
+from opdlab.experiments.toy.estimators import main as estimators_main
+from opdlab.models.loading import ModelLoadError, load_model
+from opdlab.objectives import OBJECTIVES
+from opdlab.report import plot_training_curves, redraw_run
+from opdlab.run import load_run_config
+from opdlab.runtime import resolve_device
+from opdlab.sft import SFTConfig, run_sft
+from opdlab.tasks import make_task
+from opdlab.teacher.remote import RemoteTeacherError
+from opdlab.teacher.serve import serve
+from opdlab.train import TrainingError, train
 
 
 class EvalRunConfig(_Section):
@@ -44,18 +62,13 @@ class EvalRunConfig(_Section):
 # `opdlab diagnose NAME`: NAME -> (module, one-line help). Each module exposes CONFIG (its typed config class) and
 # run_diagnostic(cfg, console); adding a diagnostic is one entry here.
 DIAGNOSTICS = {
-    "fidelity": ("opdlab.diagnostics.fidelity",
+    "fidelity": (fidelity_diagnostic,
                  "supervision fidelity decay: teacher max-prob F(t) by position on student vs teacher prefixes, "
                  "teacher accuracy from cut student prefixes, logistic fit"),
-    "alignment": ("opdlab.diagnostics.alignment",
+    "alignment": (alignment_diagnostic,
                   "gradient alignment: cosine between each signal's logit descent direction and the ideal gradient "
                   "of success from targeted rollouts, per token, question and teacher/context"),
 }
-
-
-def _diagnostic_module(name: str):
-    import importlib
-    return importlib.import_module(DIAGNOSTICS[name][0])
 
 
 def fields_help(model) -> str:
@@ -68,8 +81,6 @@ def fields_help(model) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from opdlab.sft import SFTConfig
-
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="opdlab", description=__doc__, formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(`opdlab compare-privileged --help`)")
     st = sub.add_parser("serve-teacher", help="serve a teacher's prompt log-probs over HTTP (remote_teacher.url)",
                         description="Serves MODEL's prompt log-probs with the request/response shape of vLLM's "
-                        "OpenAI-compatible /v1/completions endpoint (see opdlab.serve).")
+                        "OpenAI-compatible /v1/completions endpoint (see opdlab.teacher.serve).")
     st.add_argument("model", help="local directory, hub id or builtin:teacher")
     st.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     st.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; the address is printed)")
@@ -120,24 +131,22 @@ def _parser() -> argparse.ArgumentParser:
     dg_sub = dg.add_subparsers(dest="diagnostic", required=True)
     for name, (_, what) in DIAGNOSTICS.items():
         x = dg_sub.add_parser(name, help=what, description=what, formatter_class=fmt,
-                              epilog=fields_help(_diagnostic_module(name).CONFIG))
+                              epilog=fields_help(DIAGNOSTICS[name][0].CONFIG))
         x.add_argument("args", nargs="*", help="optional YAML config, then dotted key=value overrides")
     return p
 
 
 def _config_and_overrides(config: str | None, overrides: list[str], model):
     path = None if config in (None, "-") else config
-    return load_config(path, overrides, model)
+    return load_run_config(path, overrides) if model is RunConfig else load_config(path, overrides, model)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `compare` parses its own arguments: argparse.REMAINDER cannot start with an option (`--objectives ...`)
     if argv[:1] == ["compare"]:
-        from opdlab.compare import main as compare_main
         return _guarded(lambda: compare_main(argv[1:]))
     if argv[:1] == ["compare-privileged"]:
-        from opdlab.privileged_compare import main as privileged_main
         return _guarded(lambda: privileged_main(argv[1:]))
     args = _parser().parse_args(argv)
     return _guarded(lambda: _dispatch(args))
@@ -154,9 +163,6 @@ def _guarded(run) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line; OPDLAB_DEBUG=1 shows the trace
-        from opdlab.models import ModelLoadError
-        from opdlab.remote_teacher import RemoteTeacherError
-        from opdlab.train import TrainingError
         if os.environ.get("OPDLAB_DEBUG") or not isinstance(e, (ModelLoadError, TrainingError, ValueError,
                                                                   FileNotFoundError, RemoteTeacherError)):
             raise
@@ -165,57 +171,40 @@ def _guarded(run) -> int:
 
 
 def _dispatch(args) -> int:
-    from rich.console import Console
-
     console = Console()
     if args.command == "demo":
-        from opdlab.demo import run_demo
         run_demo(args.run_dir, args.overrides, console=console)
     elif args.command == "prepare":
-        from opdlab.demo import prepare_builtin
         prepare_builtin(force=args.force, console=console)
     elif args.command == "train":
-        from opdlab.train import train
         cfg = _config_and_overrides(args.config, args.overrides, RunConfig)
         run_dir = train(cfg, resume=args.resume)
-        from accelerate import PartialState
         if PartialState().is_main_process:  # under torchrun / accelerate launch, one process draws
-            from opdlab.report import plot_training_curves
             console.print(f"run written to {run_dir}; curves: {plot_training_curves(run_dir)}")
     elif args.command == "sft":
-        from opdlab.sft import SFTConfig, run_sft
         cfg = _config_and_overrides(args.config, args.overrides, SFTConfig)
         console.print(f"model saved to {run_sft(cfg)}")
     elif args.command == "eval":
         _eval(args, console)
     elif args.command == "objectives":
-        from opdlab.objectives import OBJECTIVES
         for name, fn in sorted(OBJECTIVES.items()):
             console.print(f"[bold]{name}[/bold]: {(fn.__doc__ or fn.__module__).strip().splitlines()[0]}")
     elif args.command == "serve-teacher":
-        from opdlab.serve import serve
         serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
               name=args.served_model_name, max_logprobs=args.max_logprobs, chunk_size=args.chunk_size)
     elif args.command == "toy":
-        from opdlab.toy.estimators import main as estimators_main
         return estimators_main(args.study_args)
     elif args.command == "diagnose":
-        module = _diagnostic_module(args.diagnostic)
+        module = DIAGNOSTICS[args.diagnostic][0]
         items = list(args.args)
         config = items.pop(0) if items and "=" not in items[0] else None
         module.run_diagnostic(_config_and_overrides(config, items, module.CONFIG), console)
     elif args.command == "report":
-        from opdlab.report import redraw_run
         console.print(f"wrote {', '.join(str(p) for p in redraw_run(args.run_dir))}")
     return 0
 
 
 def _eval(args, console) -> None:
-    from opdlab.evaluate import evaluate
-    from opdlab.models import load_model
-    from opdlab.tasks import make_task
-    from opdlab.train import resolve_device
-
     items = list(args.args)
     config = items.pop(0) if items and "=" not in items[0] else None
     if args.model:

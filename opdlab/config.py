@@ -51,35 +51,59 @@ class CodeTaskConfig(_Section):
         "only and start about 0.1 s faster."))
 
 
-class TaskConfig(_Section):
-    name: Literal["arithmetic", "file", "reasoning_gym", "code"] = Field("arithmetic", description=(
-        "'arithmetic': the built-in multi-step arithmetic task; 'file': a JSONL/Parquet file or a saved HF "
-        "dataset with question/answer fields, verified with math-verify; 'reasoning_gym': a reasoning-gym "
-        "generator scored by its own scorer; 'code': programs run against tests in a sandbox (task.code.*)."))
-    seed: int = Field(0, description="Seed of the task's problem generator / shuffle.")
-    min_steps: int = Field(2, ge=1, description="arithmetic: fewest steps in a problem.")
-    max_steps: int = Field(4, ge=1, description="arithmetic: most steps in a problem (sets the reasoning length).")
-    max_value: int = Field(99, ge=9, description="arithmetic: every intermediate value stays in [0, max_value].")
+class ArithmeticTaskConfig(_Section):
+    """The built-in multi-step arithmetic task (`task.name=arithmetic`, opdlab.tasks.arithmetic)."""
+
+    min_steps: int = Field(2, ge=1, description="Fewest steps in a problem.")
+    max_steps: int = Field(4, ge=1, description="Most steps in a problem (sets the reasoning length).")
+    max_value: int = Field(99, ge=9, description="Every intermediate value stays in [0, max_value].")
     shortcut_frac: float = Field(0.0, ge=0, le=1, description=(
-        "arithmetic: share of problems whose warm-start (SFT) target is a shortcut, the question's first number as "
-        "the answer with no working (the built-in student's recipe uses it; never the training or test data)."))
-    test_size: int = Field(200, ge=1, description="Number of held-out test problems (procedural tasks).")
-    train_path: str | None = Field(None, description="file: training file (.jsonl, .parquet or a dataset dir).")
-    test_path: str | None = Field(None, description="file: test file; defaults to train_path.")
-    question_field: str = Field("question", description="file: field holding the question.")
-    answer_field: str = Field("answer", description="file: field holding the reference answer.")
-    solution_field: str | None = Field("solution", description="file: optional worked-solution field.")
-    gym_name: str = Field("basic_arithmetic", description="reasoning_gym: generator name, e.g. countdown.")
-    gym_train_size: int = Field(2000, ge=1, description="reasoning_gym: number of training problems.")
-    gym_threshold: float = Field(1.0, ge=0, le=1, description="reasoning_gym: score needed for reward 1.")
-    code: CodeTaskConfig = Field(default_factory=CodeTaskConfig, description="code: problems, reward and limits.")
+        "Share of problems whose warm-start (SFT) target is a shortcut, the question's first number as the answer "
+        "with no working (the built-in student's recipe uses it; never the training or test data)."))
 
     @model_validator(mode="after")
     def _check(self):
         if self.min_steps > self.max_steps:
-            raise ValueError(f"task.min_steps ({self.min_steps}) must be <= task.max_steps ({self.max_steps})")
-        if self.name == "file" and not self.train_path:
-            raise ValueError("task.train_path is required when task.name is 'file'")
+            raise ValueError(f"task.arithmetic.min_steps ({self.min_steps}) must be <= task.arithmetic.max_steps "
+                             f"({self.max_steps})")
+        return self
+
+
+class FileTaskConfig(_Section):
+    """Problems from a file (`task.name=file`): question/answer rows verified with math-verify (opdlab.tasks.files)."""
+
+    train_path: str | None = Field(None, description="Training file (.jsonl, .parquet or a dataset dir).")
+    test_path: str | None = Field(None, description="Test file; defaults to train_path.")
+    question_field: str = Field("question", description="Field holding the question.")
+    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    solution_field: str | None = Field("solution", description="Optional worked-solution field.")
+
+
+class GymTaskConfig(_Section):
+    """A reasoning-gym generator (`task.name=reasoning_gym`) scored by its own scorer (opdlab.tasks.gym)."""
+
+    name: str = Field("basic_arithmetic", description="Generator name, e.g. countdown.")
+    train_size: int = Field(2000, ge=1, description="Number of training problems.")
+    threshold: float = Field(1.0, ge=0, le=1, description="Score needed for reward 1.")
+
+
+class TaskConfig(_Section):
+    name: Literal["arithmetic", "file", "reasoning_gym", "code"] = Field("arithmetic", description=(
+        "'arithmetic': the built-in multi-step arithmetic task (task.arithmetic.*); 'file': a JSONL/Parquet file or "
+        "a saved HF dataset with question/answer fields, verified with math-verify (task.file.*); 'reasoning_gym': "
+        "a reasoning-gym generator scored by its own scorer (task.gym.*); 'code': programs run against tests in a "
+        "sandbox (task.code.*)."))
+    seed: int = Field(0, description="Seed of the task's problem generator / shuffle.")
+    test_size: int = Field(200, ge=1, description="Number of held-out test problems (procedural tasks).")
+    arithmetic: ArithmeticTaskConfig = Field(default_factory=ArithmeticTaskConfig, description="arithmetic: problems.")
+    file: FileTaskConfig = Field(default_factory=FileTaskConfig, description="file: where rows come from.")
+    gym: GymTaskConfig = Field(default_factory=GymTaskConfig, description="reasoning_gym: the generator.")
+    code: CodeTaskConfig = Field(default_factory=CodeTaskConfig, description="code: problems, reward and limits.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.name == "file" and not self.file.train_path:
+            raise ValueError("task.file.train_path is required when task.name is 'file'")
         return self
 
 
@@ -94,8 +118,8 @@ class RolloutConfig(_Section):
         "Nucleus sampling of rollouts (1 = off). None = the objective's default (0.9 for lsm, 1.0 otherwise); a "
         "run's config.yaml records the value it resolved to."))
     backend: Literal["builtin", "vllm"] = Field("builtin", description=(
-        "Rollout engine: 'builtin' samples with the trained model itself (opdlab.rollout); 'vllm' with a vLLM "
-        "engine in this process, sent the student's weights after every step (opdlab.rollout_vllm; needs a GPU "
+        "Rollout engine: 'builtin' samples with the trained model itself (opdlab.rollout.builtin); 'vllm' with a vLLM "
+        "engine in this process, sent the student's weights after every step (opdlab.rollout.vllm; needs a GPU "
         "and `pip install vllm`)."))
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description=(
         "backend vllm: fraction of the GPU's memory the vLLM engine may take (the rest is the trainer's)."))
@@ -110,29 +134,99 @@ class TeacherScoringConfig(_Section):
         "the objectives' own logits): bounds peak memory at chunk_size x vocabulary fp32 values per model."))
 
 
-class ObjectiveConfig(_Section):
-    name: str = Field("opd", description="Objective, by name from the objective table (see `opdlab objectives`).")
-    kl_coef: float = Field(1.0, gt=0, description="kappa: advantage = -kappa * (log pi_old - log pi_T).")
-    discount: float = Field(0.0, ge=0, le=1, description=(
-        "gamma: 0 uses each token's own reverse KL; > 0 sums discounted future per-token KLs into the advantage."))
-    clip_eps: float | None = Field(None, gt=0, description="PPO clip range of the importance ratio (None = off).")
+class DivergenceConfig(_Section):
+    """The full-vocabulary divergences (forward_kl, reverse_kl, jsd;
+    docs/methods.md#full-vocabulary-divergences-and-gkd)."""
+
     beta: float = Field(0.5, ge=0, le=1, description=(
-        "jsd: beta of JSD_beta = beta*KL(pi_T||M) + (1-beta)*KL(pi_theta||M), M = beta*pi_T + (1-beta)*pi_theta. "
-        "beta = 0 is the limit KL(pi_T||pi_theta) (teacher first), beta = 1 is KL(pi_theta||pi_T) (student first)."))
+        "beta of JSD_beta = beta*KL(pi_T||M) + (1-beta)*KL(pi_theta||M), M = beta*pi_T + (1-beta)*pi_theta. "
+        "beta = 0 is the limit KL(pi_T||pi_theta) (teacher first), beta = 1 is KL(pi_theta||pi_T) (student first). "
+        "Also the beta of the privileged objectives' 'jsd' divergence."))
     temperature: float = Field(1.0, gt=0, description=(
-        "forward_kl / reverse_kl / jsd: both models' logits are divided by it before the softmax."))
+        "Both models' logits are divided by it before the softmax (forward_kl / reverse_kl / jsd)."))
+
+
+class LSMConfig(_Section):
+    """Teacher top-K local support matching (lsm; docs/methods.md#local-support-matching-lsm)."""
+
+    support: Literal["teacher_topk", "teacher_topk_sampled", "student_topk", "head_tail"] = Field(
+        "teacher_topk", description=(
+            "The support S (of size objective.support_k). 'teacher_topk': teacher top-K; 'teacher_topk_sampled': "
+            "teacher top-K plus the sampled token; 'student_topk': student top-K plus the sampled token (the "
+            "teacher's log-probs there come from its hidden states); 'head_tail': teacher top-K plus a sampled-token "
+            "policy-gradient term -A_t * ratio_t on tokens outside S."))
+
+
+class PrivilegedObjectiveConfig(_Section):
+    """privileged_full / privileged_partial / anchored_residual
+    (docs/methods.md#privileged-opd-and-anchored-residual-guidance-ar-opd)."""
+
+    divergence: Literal["kl_target_student", "kl_student_target", "jsd"] = Field(
+        "kl_target_student", description=(
+            "The per-token divergence to the target q. 'kl_target_student': KL(q || pi_theta) (target first); "
+            "'kl_student_target': KL(pi_theta || q); 'jsd': JSD_beta with objective.divergence.beta, q in the "
+            "teacher's place."))
+    skip_first: int = Field(3, ge=0, description="The first N completion tokens of every rollout are left out of "
+                            "the loss.")
+    top_k: int = Field(0, ge=0, description=(
+        "0 = the divergence over the whole vocabulary; K > 0 = over the target's top-K only, both distributions "
+        "renormalised there (as lsm)."))
+
+
+class AnchoredResidualConfig(_Section):
+    """The anchored residual target of anchored_residual (AR-OPD)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)  # "lambda" in files and dumps, `lam` in code
+
+    lam: float = Field(0.8, ge=0, alias="lambda", description=(
+        "lambda of log q_AR = log_softmax(log q_P + lambda * clip(log q_F - log q_P, -c, c)); < 1 stays near the "
+        "partial view q_P, 1 is the full view q_F (up to the clip), > 1 extrapolates."))
+    clip: float = Field(5.0, gt=0, description="c, the clip of the residual log q_F - log q_P.")
+
+
+class LookaheadConfig(_Section):
+    """Lookahead Group Reward (lookahead; docs/methods.md#lookahead-group-reward-lgr)."""
+
+    k: int = Field(8, ge=1, description="K, the student's top-K candidates scored at each trigger position.")
+    tau: float = Field(0.2, ge=0, description=(
+        "tau, in nats; trigger positions are loss positions where the student's entropy H(pi_theta) exceeds it."))
+    gamma: float = Field(1.0, ge=0, description=(
+        "gamma, the weight of the group-normalised lookahead reward added to the OPD advantage (0 = plain opd; "
+        "large values, e.g. 10, let the student game the reward with repeated tokens)."))
+    signal: Literal["max_p", "sampled_p", "neg_entropy", "perplexity"] = Field("max_p", description=(
+        "The teacher's confidence one step ahead that rewards a candidate v_k. 'max_p': max_v pi_T(v | x, y_<t, "
+        "v_k); 'sampled_p': sum_v pi_T(v | ...)^2, the expected probability of a token sampled from the teacher "
+        "there; 'neg_entropy': -H(pi_T(. | ...)); 'perplexity': -exp(H)."))
+    form: Literal["sampled", "topk"] = Field("sampled", description=(
+        "'sampled' adds gamma * r~(y_t) to the sampled token's advantage (no bonus when y_t is not a candidate); "
+        "'topk' keeps the OPD advantage and adds -gamma * sum_k r~(v_k) log pi_theta(v_k) over all K candidates at "
+        "trigger positions."))
+    segment: int = Field(256, ge=1, description=(
+        "Completion positions per teacher pass over the rollout; after each pass the segment's candidate leaves are "
+        "scored on top of its KV cache (opdlab.teacher.tree_attention). Smaller bounds memory on long rollouts, "
+        "larger means fewer passes."))
+
+
+class ObjectiveConfig(_Section):
+    """The loss: the objective's name, the settings every objective shares, and one section per objective family.
+
+    The name is checked against the objective table when the run is built (`opdlab.objectives.get_objective`)."""
+
+    name: str = Field("opd", description="Objective, by name from the objective table (see `opdlab objectives`).")
+    kl_coef: float = Field(1.0, gt=0, description=(
+        "kappa of the sampled-token advantage A_t = -kappa * (log pi_old - log pi_T) (opd, lookahead, lsm's "
+        "head_tail)."))
+    discount: float = Field(0.0, ge=0, le=1, description=(
+        "gamma of the sampled-token advantage: 0 uses each token's own reverse KL; > 0 sums discounted future "
+        "per-token KLs into it."))
+    clip_eps: float | None = Field(None, gt=0, description="PPO clip range of the importance ratio (None = off).")
     gkd_lambda: float = Field(1.0, ge=0, le=1, description=(
         "GKD data mix: probability that a step trains on student rollouts; otherwise it trains on the task's "
         "reference responses (worked solution + EOS, else 'Answer: <answer>'). 1 = always on-policy."))
-    top_k: int = Field(32, ge=1, description=(
-        "K of the support S of lsm (teacher or student top-K), and of the support/* diagnostics of every "
-        "objective (teacher mass on S, student mass on S, top-K overlap)."))
-    support: Literal["teacher_topk", "teacher_topk_sampled", "student_topk", "head_tail"] = Field(
-        "teacher_topk", description=(
-            "lsm: the support S. 'teacher_topk': teacher top-K; 'teacher_topk_sampled': teacher top-K plus the "
-            "sampled token; 'student_topk': student top-K plus the sampled token (the teacher's log-probs there "
-            "come from its hidden states); 'head_tail': teacher top-K plus a sampled-token policy-gradient term "
-            "-A_t * ratio_t on tokens outside S."))
+    support_k: int = Field(32, ge=1, description=(
+        "K of the support S: lsm's loss support (objective.lsm.support), and for every objective the support/* "
+        "diagnostics (teacher mass on S, student mass on S, top-K overlap)."))
     mask_tokens: list[str] = Field([], description=(
         "Tokens (vocabulary strings, e.g. '<|im_start|>') excluded from every objective's loss and token count. "
         "Listing the EOS token here masks it too (auto_mask never does)."))
@@ -140,51 +234,15 @@ class ObjectiveConfig(_Section):
         "Also exclude tokens whose text the teacher's and student's tokenizers split differently and, when their "
         "special tokens or chat templates differ, every special / chat-template token (e.g. <|im_start|>, think "
         "tags). Stop tokens (EOS) always stay in the loss so the student still learns to stop; a same-family pair "
-        "with one template masks nothing (see opdlab.masking for why)."))
-
-    ar_lambda: float = Field(0.8, ge=0, description=(
-        "anchored_residual: lambda of log q_AR = log_softmax(log q_P + lambda * clip(log q_F - log q_P, -c, c)); "
-        "< 1 stays near the partial view q_P, 1 is the full view q_F (up to the clip), > 1 extrapolates."))
-    ar_clip: float = Field(5.0, gt=0, description="anchored_residual: c, the clip of the residual log q_F - log q_P.")
-    target_divergence: Literal["kl_target_student", "kl_student_target", "jsd"] = Field(
-        "kl_target_student", description=(
-            "privileged_full / privileged_partial / anchored_residual: the per-token divergence to the target q. "
-            "'kl_target_student': KL(q || pi_theta) (target first); 'kl_student_target': KL(pi_theta || q); "
-            "'jsd': JSD_beta with objective.beta, q in the teacher's place."))
-    skip_first: int = Field(3, ge=0, description=(
-        "privileged objectives: the first N completion tokens of every rollout are left out of the loss."))
-    target_top_k: int = Field(0, ge=0, description=(
-        "privileged objectives: 0 = the divergence over the whole vocabulary; K > 0 = over the target's top-K "
-        "only, both distributions renormalised there (as lsm)."))
-
-    lookahead_k: int = Field(8, ge=1, description=(
-        "lookahead: K, the student's top-K candidates scored at each trigger position."))
-    lookahead_tau: float = Field(0.2, ge=0, description=(
-        "lookahead: tau, in nats; trigger positions are loss positions where the student's entropy H(pi_theta) "
-        "exceeds it."))
-    lookahead_gamma: float = Field(1.0, ge=0, description=(
-        "lookahead: gamma, the weight of the group-normalised lookahead reward added to the OPD advantage "
-        "(0 = plain opd; large values, e.g. 10, let the student game the reward with repeated tokens)."))
-    lookahead_signal: Literal["max_p", "sampled_p", "neg_entropy", "perplexity"] = Field("max_p", description=(
-        "lookahead: the teacher's confidence one step ahead that rewards a candidate v_k. 'max_p': "
-        "max_v pi_T(v | x, y_<t, v_k); 'sampled_p': sum_v pi_T(v | ...)^2, the expected probability of a token "
-        "sampled from the teacher there; 'neg_entropy': -H(pi_T(. | ...)); 'perplexity': -exp(H)."))
-    lookahead_form: Literal["sampled", "topk"] = Field("sampled", description=(
-        "lookahead: 'sampled' adds gamma * r~(y_t) to the sampled token's advantage (no bonus when y_t is not a "
-        "candidate); 'topk' keeps the OPD advantage and adds -gamma * sum_k r~(v_k) log pi_theta(v_k) over all K "
-        "candidates at trigger positions."))
-    lookahead_segment: int = Field(256, ge=1, description=(
-        "lookahead: completion positions per teacher pass over the rollout; after each pass the segment's "
-        "candidate leaves are scored on top of its KV cache (opdlab.tree_attention). Smaller bounds memory on long "
-        "rollouts, larger means fewer passes."))
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from opdlab.objectives import OBJECTIVES
-        if v not in OBJECTIVES:
-            raise ValueError(f"unknown objective {v!r}; allowed: {', '.join(sorted(OBJECTIVES))}")
-        return v
+        "with one template masks nothing (see opdlab.rollout.masking for why)."))
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig, description=(
+        "forward_kl / reverse_kl / jsd."))
+    lsm: LSMConfig = Field(default_factory=LSMConfig, description="lsm.")
+    privileged: PrivilegedObjectiveConfig = Field(default_factory=PrivilegedObjectiveConfig, description=(
+        "privileged_full / privileged_partial / anchored_residual."))
+    anchored_residual: AnchoredResidualConfig = Field(default_factory=AnchoredResidualConfig, description=(
+        "anchored_residual."))
+    lookahead: LookaheadConfig = Field(default_factory=LookaheadConfig, description="lookahead.")
 
 
 class TrainConfig(_Section):
@@ -222,13 +280,14 @@ class EvalConfig(_Section):
         "Upper edges (in tokens) of the response-length buckets accuracy is broken down by."))
 
 
-# The trace is framed as an example and the model asked for its own solution (METHODS.md section 3); the question
+# The trace is framed as an example and the model asked for its own solution
+# (docs/methods.md#privileged-opd-and-anchored-residual-guidance-ar-opd); the question
 # comes last, where the student's prompt has it.
 DEFAULT_PRIVILEGED_TEMPLATE = "Example solution (for reference; write your own):\n{trace}\n{question}"
 
 
 class PrivilegedConfig(_Section):
-    """The teacher's context and kind for privileged on-policy distillation (opdlab.privileged)."""
+    """The teacher's context and kind for privileged on-policy distillation (opdlab.teacher.views)."""
 
     view: Literal["none", "full", "partial"] = Field("none", description=(
         "The teacher's context for objectives that score one view: 'none' = the student's prompt; 'full' = the "
@@ -258,9 +317,10 @@ class PrivilegedConfig(_Section):
 
 
 class FidelityConfig(_Section):
-    """Supervision fidelity decay measurement (METHODS.md section 2): `opdlab diagnose fidelity`, and in training
-    every `train.fidelity_every` steps. Positions are 0-based completion-token indices: F at position t is the
-    teacher's max-probability of its next-token distribution given the prompt and the first t completion tokens."""
+    """Supervision fidelity decay measurement (docs/methods.md#supervision-fidelity-decay): `opdlab diagnose fidelity`,
+    and in training every `train.fidelity_every` steps. Positions are 0-based completion-token indices: F at position t
+    is the teacher's max-probability of its next-token distribution given the prompt and the first t completion
+    tokens."""
 
     num_prompts: int = Field(32, ge=1, description="Problems measured: the first N of the split (the same each time).")
     split: Literal["train", "test"] = Field("test", description="Task split the problems come from.")
@@ -295,7 +355,7 @@ class FidelityConfig(_Section):
 
 class RemoteTeacherConfig(_Section):
     """A teacher served over HTTP with vLLM's OpenAI-compatible completions API (`opdlab serve-teacher MODEL` or
-    `vllm serve MODEL`), scored by opdlab.remote_teacher. It must share the student's tokenizer, and it serves
+    `vllm serve MODEL`), scored by opdlab.teacher.remote. It must share the student's tokenizer, and it serves
     top-K log-probs only: objectives that need the teacher's full distribution cannot use it."""
 
     url: str | None = Field(None, description=(
@@ -339,10 +399,50 @@ class ConfigError(ValueError):
     """A configuration problem, with the field, the value and what is allowed."""
 
 
+# Keys that moved into a section of their own: given under the old name, they fail with the new one.
+RENAMED = {
+    "objective.beta": "objective.divergence.beta",
+    "objective.temperature": "objective.divergence.temperature",
+    "objective.top_k": "objective.support_k",
+    "objective.support": "objective.lsm.support",
+    "objective.ar_lambda": "objective.anchored_residual.lambda",
+    "objective.ar_clip": "objective.anchored_residual.clip",
+    "objective.target_divergence": "objective.privileged.divergence",
+    "objective.skip_first": "objective.privileged.skip_first",
+    "objective.target_top_k": "objective.privileged.top_k",
+    **{f"objective.lookahead_{k}": f"objective.lookahead.{k}" for k in ("k", "tau", "gamma", "signal", "form",
+                                                                          "segment")},
+    **{f"task.{k}": f"task.arithmetic.{k}" for k in ("min_steps", "max_steps", "max_value", "shortcut_frac")},
+    **{f"task.{k}": f"task.file.{k}" for k in ("train_path", "test_path", "question_field", "answer_field",
+                                               "solution_field")},
+    **{f"task.gym_{k}": f"task.gym.{k}" for k in ("name", "train_size", "threshold")},
+}
+
+
+def _fields(model: type[BaseModel]) -> dict:
+    """A section's fields by the key a config file uses (the alias where a field has one, e.g. 'lambda')."""
+    return {f.alias or name: f for name, f in model.model_fields.items()}
+
+
+def _renamed(dotted: str) -> str | None:
+    new = RENAMED.get(dotted)
+    return f"{dotted} was renamed: use {new}" if new else None
+
+
+def _check_renamed(data: dict, source: str, prefix: str = "") -> None:
+    """Fail on the first old key name in a config file's data, naming the new one."""
+    for k, v in data.items():
+        msg = _renamed(f"{prefix}{k}")
+        if msg:
+            raise ConfigError(f"invalid configuration ({source}): {msg}")
+        if isinstance(v, dict):
+            _check_renamed(v, source, f"{prefix}{k}.")
+
+
 def _section_at(model: type[BaseModel] | None, path) -> type[BaseModel] | None:
     """The config section class found by walking `path` (field names) down from `model`, or None."""
     for part in path:
-        f = model.model_fields.get(part) if model is not None else None
+        f = _fields(model).get(part) if model is not None else None
         ann = f.annotation if f is not None else None
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return model
@@ -355,7 +455,7 @@ def _format_validation_error(err: ValidationError, source: str, model: type[Base
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = _section_at(model, e["loc"][:-1])
-            msg = "unknown field" + (f"; allowed here: {', '.join(section.model_fields)}" if section else "")
+            msg = "unknown field" + (f"; allowed here: {', '.join(_fields(section))}" if section else "")
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"  {loc}: {msg}{shown}")
@@ -385,9 +485,11 @@ def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel]) ->
         keys, value = parse_override(item)
         node, cls = data, model
         for depth, k in enumerate(keys):
-            fields = cls.model_fields if cls is not None else None
+            fields = _fields(cls) if cls is not None else None
             if fields is not None and k not in fields:
                 dotted = ".".join(keys[: depth + 1])
+                if _renamed(dotted):
+                    raise ConfigError(f"override {item!r}: {_renamed(dotted)}")
                 raise ConfigError(f"override {item!r}: unknown field {dotted!r}; allowed here: {', '.join(fields)}")
             if depth == len(keys) - 1:
                 if fields is not None and value is not None and not isinstance(value, str) \
@@ -422,6 +524,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
         source = str(path)
+        _check_renamed(data, source)
     data = apply_overrides(data, list(overrides or []), model)
     try:
         return model.model_validate(data)
@@ -430,7 +533,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
 def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
@@ -442,7 +545,7 @@ def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | Non
     rows = []
     for name, f in model.model_fields.items():
         ann = f.annotation
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{f.alias or name}"
         default = getattr(defaults, name) if defaults is not None else f.get_default(call_default_factory=True)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe(ann, dotted + ".", default if isinstance(default, BaseModel) else None))

@@ -14,7 +14,7 @@ averages gradients over processes, and so does FSDP's reduce-scatter, hence the 
 
 The student is handed to `Accelerator.prepare` as `StudentDecoder` (its decoder as one module returning the last
 hidden states), so every differentiable forward goes through the DDP or FSDP wrapper, and `PreparedStudent`
-presents that wrapper with the model interface `opdlab.logprobs.student_forward` reads (`get_decoder`,
+presents that wrapper with the model interface `opdlab.models.logprobs.student_forward` reads (`get_decoder`,
 `get_output_embeddings`, `config`). Under FSDP2 accelerate applies `fully_shard` to each decoder layer
 (`StudentDecoder` forwards the model's `_no_split_modules`, which TRANSFORMER_BASED_WRAP reads) and then to the
 wrapper, whose unit holds the embedding, the final norm and the output layer; it stays unsharded from the forward
@@ -30,7 +30,7 @@ precision, CPU offload or activation checkpointing.
 
 What was checked, on CPU with two gloo processes (`tests/test_fsdp.py`; accelerate enables its FSDP plugin on GPUs
 only, so the test switches accelerate's CPU state to FSDP2 and `prepare` runs accelerate's own FSDP2 path): see
-the FSDP paragraph of README.md for the numbers.
+docs/scaling.md#students-that-do-not-fit-one-gpu-fsdp2 for the numbers.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def check_supported(accelerator) -> None:
 def fsdp_units(prepared: torch.nn.Module) -> list[torch.nn.Module]:
     """The FSDP2 modules (`fully_shard` units) of the prepared student, root first; [] under DDP or one process."""
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # lazy: only multi-process runs load torch's FSDP
     except ImportError:  # a torch without FSDP2
         return []
     return [m for m in prepared.modules() if isinstance(m, FSDPModule)]

@@ -42,8 +42,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from opdlab.config import EvalConfig
-from opdlab.prompts import stop_token_ids
-from opdlab.rollout import sample
+from opdlab.models.prompts import stop_token_ids
+from opdlab.rollout.builtin import sample
 from opdlab.tasks.base import Task
 from opdlab.types import Problem, Rollouts
 
@@ -328,18 +328,19 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
         mean_length=_mean(all_lengths),
         truncated_frac=_mean([float(t) for rec in records for t in rec.truncated]),
         buckets=buckets, records=records, wall_s=time.perf_counter() - start,
-        extra=hindsight_extra([p for _, p in flat], all_texts),
+        extra=task_extra(task, [p for _, p in flat], all_texts),
     )
 
 
-def hindsight_extra(problems: list[Problem], texts: list[str]) -> dict[str, float]:
-    """Shortcut-event rate per sample and step error rates by quarter (`opdlab.hindsight`), where they apply."""
-    from opdlab.hindsight import rollout_diagnostics
+# the task's own behaviour metrics (`Task.rollout_diagnostics`) under the names an eval record has used
+_EXTRA_NAMES = {"leak/shortcut_rate": "shortcut_rate", "leak/events_per_rollout": "shortcut_events_per_rollout",
+                "drift/step_err_first_quarter": "step_err_first_quarter",
+                "drift/step_err_last_quarter": "step_err_last_quarter"}
 
-    names = {"leak/shortcut_rate": "shortcut_rate", "leak/events_per_rollout": "shortcut_events_per_rollout",
-             "drift/step_err_first_quarter": "step_err_first_quarter",
-             "drift/step_err_last_quarter": "step_err_last_quarter"}
-    return {names[k]: v for k, v in rollout_diagnostics(problems, texts).items()}
+
+def task_extra(task: Task, problems: list[Problem], texts: list[str]) -> dict[str, float]:
+    """What the task declares about every sample (e.g. shortcut rate and step error rates by quarter)."""
+    return {_EXTRA_NAMES.get(k, k): v for k, v in task.rollout_diagnostics(problems, texts).items()}
 
 
 def _mean(xs: Sequence[float]) -> float:

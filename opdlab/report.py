@@ -13,6 +13,7 @@ backend or needs a display.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -194,15 +195,13 @@ def plot_eval_by_length(results: dict[str, EvalResult], path: str | Path) -> Pat
 # Diagnostics that write a JSON file into their run directory, and the function that redraws their plots from it
 # ("module:function", called with the run directory, returning the image paths).
 DIAGNOSTIC_PLOTS = {
-    "alignment.json": "opdlab.diagnostics.alignment_plots:redraw",
+    "alignment.json": "opdlab.diagnostics.alignment.plots:redraw",
 }
 
 
 def redraw_run(run_dir: str | Path) -> list[Path]:
     """Every plot a run directory's files allow, redrawn without recomputing: the training curves from
     metrics.jsonl and each diagnostic's plots from its JSON (`DIAGNOSTIC_PLOTS`)."""
-    import importlib
-
     run_dir = Path(run_dir)
     paths = [plot_training_curves(run_dir)] if (run_dir / METRICS_FILE).is_file() else []
     for name, target in DIAGNOSTIC_PLOTS.items():

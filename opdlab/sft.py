@@ -20,9 +20,9 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from opdlab.config import ModelConfig, TaskConfig, _Section, save_config
-from opdlab.models import build_char_tokenizer, init_builtin_model, load_model
-from opdlab.prompts import render_prompt
-
+from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
+from opdlab.models.prompts import render_prompt
+from opdlab.runtime import make_scheduler, resolve_device, seed_everything
 from opdlab.tasks import make_task
 from opdlab.tasks.base import ProblemStream
 
@@ -79,8 +79,6 @@ def sft_step(model, optimizer, scheduler, ids, mask, labels) -> torch.Tensor:
 
 
 def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
-    from opdlab.train import make_scheduler, resolve_device, seed_everything
-
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if cfg.init is not None:

@@ -32,10 +32,10 @@ class Rollouts:
     """A batch of student samples: left-padded prompts followed by right-padded completions.
 
     `completion_mask_B_T` is 1 on generated tokens up to and including EOS. `loss_mask_B_T` is the subset of those
-    that objectives learn from and normalise by (special-token masking, `opdlab.masking`); it defaults to the
+    that objectives learn from and normalise by (special-token masking, `opdlab.rollout.masking`); it defaults to the
     completion mask. `logp_old_B_T` is the sampling policy's log-probability of each sampled token at temperature 1
-    without truncation (log pi_old in METHODS.md); `sampler_logp_B_T` is the log-probability under the distribution
-    actually sampled from (after temperature and top-p), kept for diagnostics.
+    without truncation (log pi_old in docs/methods.md#notation); `sampler_logp_B_T` is the log-probability under the
+    distribution actually sampled from (after temperature and top-p), kept for diagnostics.
     """
 
     prompt_ids_B_P: torch.Tensor
@@ -78,21 +78,21 @@ class TeacherScores:
 
     Position t holds the teacher's next-token distribution at context (teacher prompt, y_<t): `logp_B_T` is
     log pi_T(y_t | c_t), `topk_ids_B_T_K`/`topk_logp_B_T_K` its top-K (K may be 0), `entropy_B_T` and
-    `maxp_B_T` its entropy and max-probability (the fidelity F(t) of METHODS.md section 2).
+    `maxp_B_T` its entropy and max-probability (the fidelity F(t) of docs/methods.md#supervision-fidelity-decay).
 
     Objectives that need the teacher's whole distribution (full-vocabulary divergences) ask `score` to keep the
     teacher's last hidden states `hidden_B_T_H` and its output layer `lm_head` (with `vocab_size` and `softcap`,
-    as in `opdlab.logprobs.chunk_logits`), and make logits from them chunk by chunk; otherwise these are None.
+    as in `opdlab.models.logprobs.chunk_logits`), and make logits from them chunk by chunk; otherwise these are None.
 
     `partial` is set when the objective asked for two teacher contexts (`TeacherRequest.both_views`, the privileged
     objectives): these scores are then the teacher's under the full view of the oracle trace, and `partial` holds
-    its scores, same fields, under the partial view (`opdlab.privileged`); both come from one teacher forward.
+    its scores, same fields, under the partial view (`opdlab.teacher.views`); both come from one teacher forward.
 
     The `lookahead_*` fields are set when the objective asked for candidate rewards (`TeacherRequest.lookahead`,
-    the lookahead objective, METHODS.md section 2): `lookahead_trigger_B_T` marks the loss positions where the
-    student's entropy exceeds tau, `lookahead_ids_B_T_K` holds the student's top-K candidates there and
-    `lookahead_reward_B_T_K` each candidate's raw reward, the teacher's confidence one step ahead, e.g.
-    max_v pi_T(v | x, y_<t, v_k) (zero where there is no trigger); see `opdlab.tree_attention`.
+    the lookahead objective, docs/methods.md#lookahead-group-reward-lgr): `lookahead_trigger_B_T` marks the loss
+    positions where the student's entropy exceeds tau, `lookahead_ids_B_T_K` holds the student's top-K candidates there
+    and `lookahead_reward_B_T_K` each candidate's raw reward, the teacher's confidence one step ahead, e.g.
+    max_v pi_T(v | x, y_<t, v_k) (zero where there is no trigger); see `opdlab.teacher.tree_attention`.
     """
 
     logp_B_T: torch.Tensor
@@ -119,7 +119,7 @@ class StudentOutputs:
 
     `logp_B_T` (differentiable) is log pi_theta(y_t | c_t) of the sampled tokens; `entropy_B_T` is detached.
     `hidden_B_T_H` (differentiable) and `lm_head` let full-vocabulary objectives compute logits in chunks
-    themselves instead of holding (B, T, V) at once: `opdlab.logprobs.chunk_logits(hidden, lm_head, vocab_size,
+    themselves instead of holding (B, T, V) at once: `opdlab.models.logprobs.chunk_logits(hidden, lm_head, vocab_size,
     softcap)` over `chunk_size` positions at a time (vocab_size None = every output row).
     """
 
@@ -138,7 +138,7 @@ class LookaheadRequest:
     trigger positions (loss positions where its entropy exceeds `tau`) and its top-`k` tokens there, then scores
     every candidate one step ahead with tree attention, `segment_len` completion positions per teacher pass; the
     reward is the teacher's confidence under `signal` ('max_p', 'sampled_p', 'neg_entropy' or 'perplexity', as in
-    `opdlab.tree_attention.confidence_reward`)."""
+    `opdlab.teacher.tree_attention.confidence_reward`)."""
 
     k: int = 8
     tau: float = 0.2
@@ -148,7 +148,8 @@ class LookaheadRequest:
 
 @dataclass(frozen=True)
 class TeacherRequest:
-    """What an objective needs from `opdlab.teacher.score` beyond the sampled token's log-prob, entropy, max-prob."""
+    """What an objective needs from `opdlab.teacher.scoring.score` beyond the sampled token's log-prob, entropy,
+    max-prob."""
 
     top_k: int = 0  # the teacher's top-K ids and log-probs per position
     hidden: bool = False  # keep its hidden states and output layer: its full distribution, made chunk by chunk

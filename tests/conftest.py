@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opdlab.models import build_char_tokenizer
+from opdlab.models.loading import build_char_tokenizer
 
 # One intra-op thread: the models are tiny and the machine is a shared 2-core box. Set at import time so it also
 # holds for module-scoped fixtures that run before any function-scoped fixture.

@@ -1,4 +1,4 @@
-"""Gradient alignment diagnostics (opdlab.diagnostics.alignment*): V_j against exact enumeration on a model small
+"""Gradient alignment diagnostics (opdlab.diagnostics.alignment.run*): V_j against exact enumeration on a model small
 enough to enumerate, g* and cosines against hand computation, the autograd descent directions against their closed
 forms, the bootstrap and rank correlation, and the CLI end to end with `opdlab report` redrawing the plots."""
 from __future__ import annotations
@@ -15,11 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from logit_batches import logit_batch
 from opdlab.config import ConfigError, ObjectiveConfig, load_config
-from opdlab.diagnostics.alignment import AlignmentConfig
-from opdlab.diagnostics.alignment_report import bootstrap_ci, spearman
-from opdlab.diagnostics.alignment_signals import cosine, descent_directions, exponential_depths, ideal_gradient, \
+from opdlab.diagnostics.alignment.config import AlignmentConfig
+from opdlab.diagnostics.alignment.report import bootstrap_ci, spearman
+from opdlab.diagnostics.alignment.signals import cosine, descent_directions, exponential_depths, ideal_gradient, \
     select_nodes
-from opdlab.diagnostics.alignment_targeted import success_values
+from opdlab.diagnostics.alignment.targeted import success_values
 from opdlab.objectives import OBJECTIVES
 from opdlab.tasks.base import Task
 from opdlab.types import ObjectiveOutput, Problem
@@ -130,7 +130,7 @@ def _batch():
 
 def test_direction_of_sampled_token_opd_is_advantage_times_score():
     rollouts, teacher, z, mask, logp, logq = _batch()
-    d = descent_directions(OBJECTIVES["opd"], rollouts, z, teacher, ObjectiveConfig(name="opd", top_k=4))
+    d = descent_directions(OBJECTIVES["opd"], rollouts, z, teacher, ObjectiveConfig(name="opd", support_k=4))
     y = rollouts.completion_ids_B_T
     advantage = -(rollouts.logp_old_B_T - logq.gather(-1, y[..., None]).squeeze(-1))
     ratio = torch.exp(logp.gather(-1, y[..., None]).squeeze(-1) - rollouts.logp_old_B_T)
@@ -142,7 +142,7 @@ def test_direction_of_sampled_token_opd_is_advantage_times_score():
 @pytest.mark.parametrize("name", ["reverse_kl", "forward_kl"])
 def test_direction_of_full_kl_matches_closed_form(name):
     rollouts, teacher, z, mask, logp, logq = _batch()
-    d = descent_directions(OBJECTIVES[name], rollouts, z, teacher, ObjectiveConfig(name=name, top_k=4))
+    d = descent_directions(OBJECTIVES[name], rollouts, z, teacher, ObjectiveConfig(name=name, support_k=4))
     p, q = logp.exp(), logq.exp()
     if name == "reverse_kl":  # -dKL(p||q)/dz_j = p_j (f_j - E_p f), f = log q - log p
         f = logq - logp
@@ -159,7 +159,7 @@ def test_direction_of_any_table_entry(monkeypatch):
 
     monkeypatch.setitem(OBJECTIVES, "likelihood", likelihood)
     rollouts, teacher, z, mask, logp, _ = _batch()
-    d = descent_directions(OBJECTIVES["likelihood"], rollouts, z, teacher, ObjectiveConfig(top_k=4))
+    d = descent_directions(OBJECTIVES["likelihood"], rollouts, z, teacher, ObjectiveConfig(support_k=4))
     expected = F.one_hot(rollouts.completion_ids_B_T, 11) - logp.exp()
     torch.testing.assert_close(d[mask], expected[mask], atol=1e-6, rtol=1e-5)
 
@@ -210,8 +210,8 @@ def test_bad_teacher_spec_and_signal_are_named():
 def builtin_pair(tmp_path_factory):
     """The built-in student and teacher architectures: the student warm-started briefly on the first two test
     questions' worked solutions (so its rollouts are sometimes right), the teacher left random."""
-    from opdlab.models import build_char_tokenizer, init_builtin_model
-    from opdlab.prompts import render_prompt
+    from opdlab.models.loading import build_char_tokenizer, init_builtin_model
+    from opdlab.models.prompts import render_prompt
     from opdlab.tasks import ArithmeticTask
 
     tokenizer = build_char_tokenizer()
@@ -272,18 +272,18 @@ def test_cli_end_to_end_and_report_redraws(builtin_pair, tmp_path):
 
 def test_missing_oracle_trace_is_reported_before_sampling(model_dirs, tmp_path, monkeypatch):
     """A view that needs Problem.solution on a task without one fails at once, naming the problem."""
-    from opdlab.diagnostics.alignment import run_alignment
+    from opdlab.diagnostics.alignment.run import run_alignment
 
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     cfg = load_config(None, [f"student.path={model_dirs['student']}", f"teacher.path={model_dirs['teacher']}",
-                             "task.name=file", f"task.train_path={data}", f"task.test_path={data}",
-                             "task.solution_field=null",
+                             "task.name=file", f"task.file.train_path={data}", f"task.file.test_path={data}",
+                             "task.file.solution_field=null",
                              "num_questions=1", "teachers=[teacher,self+full]", f"run_dir={tmp_path / 'x'}"],
                       AlignmentConfig)
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before checking the oracle traces")
 
-    monkeypatch.setattr("opdlab.rollout.sample", no_sampling)
+    monkeypatch.setattr("opdlab.diagnostics.alignment.run.sample", no_sampling)
     with pytest.raises(ValueError, match="full teacher view needs an oracle trace.*has no worked solution"):
         run_alignment(cfg, progress=False)

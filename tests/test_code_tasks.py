@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from opdlab.config import ConfigError, EvalConfig, TaskConfig, load_config
-from opdlab.sandbox import Limits
+from opdlab.tasks.sandbox.run import Limits
 from opdlab.tasks import make_task
 from opdlab.tasks.code import CodeTask, humaneval_rows, make_problem
 from opdlab.tasks.code_extract import complete_function, extract_code, fenced_blocks
@@ -248,8 +248,8 @@ def test_config_builds_the_code_task(tmp_path):
 def test_opdlab_eval_on_code_problems_with_a_real_model():
     from opdlab.config import ModelConfig
     from opdlab.evaluate import evaluate
-    from opdlab.models import load_model
-    from opdlab.zoo import smollm2_dir
+    from opdlab.models.loading import load_model
+    from opdlab.models.zoo import smollm2_dir
 
     model, tokenizer = load_model(ModelConfig(path=str(smollm2_dir())), "cpu")
     task = CodeTask("humaneval", workers=2)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 
-from opdlab.compare import run_compare
+from opdlab.experiments.compare import run_compare
 from opdlab.config import EvalConfig, ModelConfig, TaskConfig
 from opdlab.evaluate import evaluate
-from opdlab.models import load_model
+from opdlab.models.loading import load_model
 from opdlab.tasks import make_task
 
 
 def test_compare_runs_each_objective_and_reports_final_accuracy(model_dirs, tmp_path):
     overrides = [f"student.path={model_dirs['student']}", f"teacher.path={model_dirs['teacher']}",
-                 "task.min_steps=1", "task.max_steps=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
+                 "task.arithmetic.min_steps=1", "task.arithmetic.max_steps=1", "rollout.prompts_per_step=2",
+                 "rollout.max_new_tokens=8",
                  "train.steps=2", "train.save_every=2", "eval.num_problems=3", "eval.k=2", "eval.max_new_tokens=8",
                  "device=cpu"]
     results = run_compare(["opd", "lsm"], [0, 1], overrides, tmp_path)
@@ -26,7 +27,7 @@ def test_compare_runs_each_objective_and_reports_final_accuracy(model_dirs, tmp_
 
     final = tmp_path / "lsm" / "seed-1" / "checkpoints" / "step-000002" / "model"
     model, tok = load_model(ModelConfig(path=str(final)))
-    task = make_task(TaskConfig(min_steps=1, max_steps=1))
+    task = make_task(TaskConfig(arithmetic={"min_steps": 1, "max_steps": 1}))
     again = evaluate(model, tok, task, EvalConfig(num_problems=3, k=2, max_new_tokens=8), seed=1, progress=False)
     assert results["runs"]["lsm"][1]["after"] == again.mean_at_k
     # the by-length table reads the same final evaluation, bucket by bucket

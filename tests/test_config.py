@@ -9,6 +9,7 @@ import yaml
 
 from opdlab import cli
 from opdlab.config import ConfigError, RunConfig, TrainConfig, describe, load_config, save_config
+from opdlab.run import load_run_config
 
 
 def flat_leaves(d: dict, prefix: str = "") -> dict:
@@ -26,8 +27,8 @@ def test_overrides_parse_types():
     cfg = load_config(None, [
         "train.lr=3e-4", "train.steps=7", "train.betas=[0.8, 0.95]", "objective.clip_eps=0.2",
         "objective.discount=0.5", "eval.length_buckets=[8,16]", "train.micro_batch_size=4",
-        "rollout.top_p=1", "student.path=/some/dir", "run_dir=123", "device=0", "task.train_path=null",
-        "task.solution_field=7"])
+        "rollout.top_p=1", "student.path=/some/dir", "run_dir=123", "device=0", "task.file.train_path=null",
+        "task.file.solution_field=7"])
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.train.betas == (0.8, 0.95)
@@ -37,7 +38,7 @@ def test_overrides_parse_types():
     assert cfg.rollout.top_p == 1.0
     assert cfg.student.path == "/some/dir"
     assert cfg.run_dir == "123" and cfg.device == "0"  # text fields keep the text, even when it looks numeric
-    assert cfg.task.train_path is None and cfg.task.solution_field == "7"  # a `str | None` field
+    assert cfg.task.file.train_path is None and cfg.task.file.solution_field == "7"  # a `str | None` field
     # overrides replace only what they name; everything else keeps its default
     assert cfg.train.seed == 0 and cfg.teacher.path == "builtin:teacher"
     assert load_config(None, ["objective.clip_eps=null"]).objective.clip_eps is None
@@ -70,11 +71,11 @@ def test_yaml_unknown_field_names_it_and_lists_allowed(tmp_path):
     ("train.schedule=wavy", "train.schedule", "wavy"),
     ("rollout.top_p=1.5", "rollout.top_p", "1.5"),
     ("objective.name=nope", "objective.name", "nope"),
-    ("task.min_steps=5", "task.min_steps", "5"),  # a cross-field rule: min_steps > max_steps (4)
+    ("task.arithmetic.min_steps=5", "task.arithmetic.min_steps", "5"),  # a cross-field rule: min_steps > max_steps (4)
 ])
 def test_bad_value_names_field_and_value(override, field, shown):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_run_config(None, [override])
     msg = str(e.value)
     assert field in msg and shown in msg, msg
 
@@ -84,7 +85,7 @@ def test_bad_value_lists_allowed_choices():
         load_config(None, ["train.schedule=wavy"])
     assert all(s in str(e.value) for s in ("constant", "linear", "cosine"))
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["objective.name=nope"])
+        load_run_config(None, ["objective.name=nope"])
     assert "opd" in str(e.value)
 
 
@@ -146,7 +147,8 @@ def test_train_help_lists_fields(capsys):
 
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.lr=3e-4", "train.betas=[0.8,0.9]", "objective.clip_eps=0.1",
-                             "eval.length_buckets=[4,8]", "student.path=/x/y", "task.max_steps=6", "run_dir=r/1"])
+                             "eval.length_buckets=[4,8]", "student.path=/x/y", "task.arithmetic.max_steps=6",
+                             "run_dir=r/1"])
     path = tmp_path / "config.yaml"
     save_config(cfg, path)
     assert isinstance(yaml.safe_load(path.read_text()), dict)

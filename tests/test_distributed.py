@@ -17,8 +17,8 @@ import torch
 
 from opdlab.config import save_config
 from opdlab.distributed import row_generators, row_seeds, shard
-from opdlab.prompts import stop_token_ids
-from opdlab.rollout import sample
+from opdlab.models.prompts import stop_token_ids
+from opdlab.rollout.builtin import sample
 from opdlab.tasks.arithmetic import ArithmeticTask
 from opdlab.train import train
 from test_train import assert_same_weights, init_weights, make_cfg, max_diff, metric_rows, weights

@@ -43,7 +43,7 @@ CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), (
 def test_divergence_matches_direct_computation(name, beta, tau):
     batch = logit_batch(seed=CASES.index((name, beta)) + int(10 * tau))
     r, s, t = batch.inputs(chunk_size=4)
-    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, beta=beta, temperature=tau))
+    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, divergence={"beta": beta, "temperature": tau}))
     (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
 
     z64 = batch.z_B_T_V.detach().double().requires_grad_(True)
@@ -60,7 +60,7 @@ def test_divergence_matches_direct_computation(name, beta, tau):
 def test_beta_endpoints_are_the_two_kls_exactly():
     batch = logit_batch(seed=3)
     r, s, t = batch.inputs()
-    cfg = lambda name, beta=0.5: ObjectiveConfig(name=name, beta=beta)  # noqa: E731
+    cfg = lambda name, beta=0.5: ObjectiveConfig(name=name, divergence={"beta": beta})  # noqa: E731
     jsd0 = OBJECTIVES["jsd"](r, s, t, cfg("jsd", 0.0)).loss
     jsd1 = OBJECTIVES["jsd"](r, s, t, cfg("jsd", 1.0)).loss
     fkl = OBJECTIVES["forward_kl"](r, s, t, cfg("forward_kl")).loss
@@ -97,7 +97,7 @@ def test_identical_distributions_give_zero_loss_and_gradient(name):
     batch = logit_batch(seed=5)
     batch.zt_B_T_V = batch.z_B_T_V.detach().clone()
     r, s, t = batch.inputs()
-    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, temperature=0.8))
+    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, divergence={"temperature": 0.8}))
     (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
     assert abs(out.loss.item()) < 1e-6
     assert grad.abs().max() < 1e-6
@@ -130,7 +130,7 @@ def run_objective(name, cfg, chunk_size, student_head, teacher_head, hidden, tea
     logp_B_T_V = F.log_softmax(student_head(hidden), -1)
     with torch.no_grad():
         logq_B_T_V = F.log_softmax(teacher_head(teacher_hidden), -1)
-        topk_logp, topk_ids = logq_B_T_V.topk(cfg.top_k, dim=-1)
+        topk_logp, topk_ids = logq_B_T_V.topk(cfg.support_k, dim=-1)
     logp_B_T = logp_B_T_V.gather(-1, ids[..., None]).squeeze(-1)
     rollouts = Rollouts(
         prompt_ids_B_P=torch.zeros(B, 1, dtype=torch.long), prompt_mask_B_P=torch.ones(B, 1, dtype=torch.long),
@@ -153,7 +153,7 @@ def run_objective(name, cfg, chunk_size, student_head, teacher_head, hidden, tea
 def unchunked_reference(name, cfg, student_head, teacher_head, hidden, teacher_hidden, ids, mask):
     """The same losses over materialised (B, T, V) fp32 logits, written out here."""
     m = mask.bool()
-    tau = 1.0 if name == "lsm" else cfg.temperature  # lsm has no temperature
+    tau = 1.0 if name == "lsm" else cfg.divergence.temperature  # lsm has no temperature
     logp = F.log_softmax(student_head(hidden) / tau, -1)[m]
     with torch.no_grad():
         logq = F.log_softmax(teacher_head(teacher_hidden) / tau, -1)[m]
@@ -163,10 +163,11 @@ def unchunked_reference(name, cfg, student_head, teacher_head, hidden, teacher_h
     elif name == "reverse_kl":
         per = (p * (logp - logq)).sum(-1)
     elif name == "jsd":
-        log_mix = torch.log(cfg.beta * q + (1 - cfg.beta) * p)
-        per = cfg.beta * (q * (logq - log_mix)).sum(-1) + (1 - cfg.beta) * (p * (logp - log_mix)).sum(-1)
+        log_mix = torch.log(cfg.divergence.beta * q + (1 - cfg.divergence.beta) * p)
+        per = (cfg.divergence.beta * (q * (logq - log_mix)).sum(-1)
+               + (1 - cfg.divergence.beta) * (p * (logp - log_mix)).sum(-1))
     else:  # lsm, support teacher_topk: both renormalised on the teacher's top-K
-        S = logq.topk(cfg.top_k, -1).indices
+        S = logq.topk(cfg.support_k, -1).indices
         lp_hat = F.log_softmax(student_head(hidden)[m].gather(-1, S), -1)
         lq_hat = F.log_softmax(logq.gather(-1, S), -1)
         per = (lp_hat.exp() * (lp_hat - lq_hat)).sum(-1)
@@ -179,7 +180,7 @@ def unchunked_reference(name, cfg, student_head, teacher_head, hidden, teacher_h
 
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "lsm"])
 def test_chunked_equals_unchunked_loss_and_gradients(name):
-    cfg = ObjectiveConfig(name=name, beta=0.3, temperature=0.9, top_k=6)
+    cfg = ObjectiveConfig(name=name, support_k=6, divergence={"beta": 0.3, "temperature": 0.9})
     args = linear_head_inputs(name, seed=1)
     ref_loss, ref_grad_h, ref_grad_w = unchunked_reference(name, cfg, *args)
     assert ref_grad_w.abs().max() > 1e-3
@@ -200,7 +201,7 @@ def test_diagnostics_match_direct_computation(name, beta):
     batch = logit_batch(seed=9, V=17)
     K = 4
     r, s, t = batch.inputs()
-    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, top_k=K, beta=beta))
+    out = OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, support_k=K, divergence={"beta": beta}))
     m = batch.mask_B_T.bool()
     logp = F.log_softmax(batch.z_B_T_V.detach().double(), -1)[m]
     logq = F.log_softmax(batch.zt_B_T_V.double(), -1)[m]

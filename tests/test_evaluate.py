@@ -16,7 +16,7 @@ from rich.console import Console
 
 from opdlab.config import EvalConfig
 from opdlab.evaluate import EvalResult, comparison_table, evaluate, make_buckets, pass_at_k
-from opdlab.models import build_char_tokenizer, init_builtin_model
+from opdlab.models.loading import build_char_tokenizer, init_builtin_model
 from opdlab.report import choose_panels, load_metrics, plot_eval_by_length, plot_training_curves
 from opdlab.tasks.arithmetic import ArithmeticTask
 from opdlab.tasks.base import Task

@@ -1,5 +1,5 @@
-"""Tests of the supervision fidelity decay diagnostics (`opdlab.diagnostics.fidelity`): the logistic fit, the F(t)
-binning, the Monte-Carlo continuation accuracy, `opdlab diagnose fidelity` and the in-training probe.
+"""Tests of the supervision fidelity decay diagnostics (`opdlab.diagnostics.fidelity.measure`): the logistic fit, the
+F(t) binning, the Monte-Carlo continuation accuracy, `opdlab diagnose fidelity` and the in-training probe.
 
     python -m pytest tests/test_fidelity.py -q
 
@@ -22,11 +22,11 @@ from transformers import AutoModelForCausalLM
 
 from opdlab import cli
 from opdlab.config import FidelityConfig, load_config
-from opdlab.diagnostics.fidelity import measure_fidelity
-from opdlab.diagnostics.fidelity_continuation import choose_cuts, continuation_accuracy
-from opdlab.diagnostics.fidelity_fit import fit_logistic, logistic
-from opdlab.models import load_model
-from opdlab.prompts import render_prompt, stop_token_ids
+from opdlab.diagnostics.fidelity.measure import measure_fidelity
+from opdlab.diagnostics.fidelity.continuation import choose_cuts, continuation_accuracy
+from opdlab.diagnostics.fidelity.fit import fit_logistic, logistic
+from opdlab.models.loading import load_model
+from opdlab.models.prompts import render_prompt, stop_token_ids
 from opdlab.tasks.arithmetic import ArithmeticTask
 from opdlab.tasks.base import Task
 from opdlab.train import train
@@ -143,7 +143,7 @@ def test_binned_fidelity_matches_the_teachers_logits(student_model, teacher_mode
 # --- continuation accuracy ------------------------------------------------------------------------------------------
 
 def _student_rollouts(student, tokenizer, task, n, max_new_tokens, seed):
-    from opdlab.rollout import sample
+    from opdlab.rollout.builtin import sample
     problems = list(task.problems("test")[:n])
     prompts = [render_prompt(tokenizer, p.question) for p in problems]
     r = sample(student, tokenizer, problems, prompts=prompts, max_new_tokens=max_new_tokens,
@@ -195,8 +195,8 @@ def test_continuations_start_from_the_students_exact_tokens():
     # SmolLM2's byte-level BPE: the prefix 'h' + 'ello' decodes to 'hello', which encodes back to another token.
     # A tiny random Llama over that tokenizer, greedy (top_p ~ 0); the verifier accepts exactly the response that
     # greedy decoding from the prefix's own ids gives, which differs from the one from the re-encoded text.
-    from opdlab import zoo
-    from opdlab.models import load_tokenizer
+    from opdlab.models import zoo
+    from opdlab.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(zoo.smollm2_dir()))
     split = [tok.convert_tokens_to_ids("h"), tok.convert_tokens_to_ids("ello")]
@@ -265,7 +265,8 @@ def test_continuation_budget_is_shared_by_the_cuts(student_model, teacher_model,
 def test_diagnose_fidelity_command_writes_json_and_png(model_dirs, tmp_path, capsys):
     out = tmp_path / "fid"
     rc = cli.main(["diagnose", "fidelity", f"student.path={model_dirs['student']}",
-                   f"teacher.path={model_dirs['teacher']}", "device=cpu", "task.min_steps=1", "task.max_steps=2",
+                   f"teacher.path={model_dirs['teacher']}", "device=cpu", "task.arithmetic.min_steps=1",
+                   "task.arithmetic.max_steps=2",
                    "fidelity.num_prompts=3", "fidelity.max_new_tokens=12", "fidelity.bin_size=2",
                    "fidelity.min_bin_tokens=2", "fidelity.continuations=2", "fidelity.num_cuts=2", f"output={out}"])
     assert rc == 0
@@ -305,7 +306,7 @@ def test_training_logs_fidelity_metrics_of_the_current_student(model_dirs, tmp_p
     run = tmp_path / "run"
     cfg = load_config(None, [
         f"student.path={model_dirs['student']}", f"teacher.path={model_dirs['teacher']}", "device=cpu",
-        "task.min_steps=1", "task.max_steps=2", "task.test_size=8", "rollout.prompts_per_step=2",
+        "task.arithmetic.min_steps=1", "task.arithmetic.max_steps=2", "task.test_size=8", "rollout.prompts_per_step=2",
         "rollout.max_new_tokens=8", "train.steps=4", "train.save_every=2", "train.keep_checkpoints=2",
         "train.sample_every=100", "train.lr=3e-3", "train.fidelity_every=2", "fidelity.num_prompts=3",
         "fidelity.max_new_tokens=10", "fidelity.bin_size=2", "fidelity.min_bin_tokens=2",

@@ -64,11 +64,12 @@ def fsdp2_accelerator(device: str):
 
 
 if __name__ == "__main__":  # the worker, in each of the two processes
+    import opdlab.run
     import opdlab.train
     from opdlab.config import load_config
 
     torch.set_num_threads(1)
-    opdlab.train.make_accelerator = fsdp2_accelerator
+    opdlab.run.make_accelerator = fsdp2_accelerator
     resume = "--resume" in sys.argv[1:]
     paths = [a for a in sys.argv[1:] if a != "--resume"]
     for path in paths:

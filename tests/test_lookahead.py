@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from opdlab.config import ConfigError, load_config
-from opdlab.models import build_char_tokenizer, init_builtin_model
+from opdlab.models.loading import build_char_tokenizer, init_builtin_model
 from opdlab.objectives import OBJECTIVES
 from opdlab.objectives.lookahead import EPS, group_normalise
-from opdlab.teacher import score
+from opdlab.teacher.scoring import score
 from opdlab.train import train
-from opdlab.tree_attention import lookahead_scores
+from opdlab.teacher.tree_attention import lookahead_scores
 from opdlab.types import LookaheadRequest, Problem, Rollouts, StudentOutputs, TeacherScores
 from test_train import max_diff, metric_rows, weights
 
@@ -66,8 +66,8 @@ def hand_made(H: int = 5, V: int = 6, seed: int = 0):
 
 
 def reference(gamma: float, form: str, lm_head, hidden):
-    """Plain-Python LGR (METHODS.md section 2) on the hand-made batch: loss (a torch scalar built from scalars, for
-    gradients) and the metrics."""
+    """Plain-Python LGR (docs/methods.md#lookahead-group-reward-lgr) on the hand-made batch: loss (a torch scalar built
+    from scalars, for gradients) and the metrics."""
     n = sum(map(sum, LOSS))
     loss, opd_size, bonus_size = 0.0, 0.0, 0.0
     triggers, in_candidates, rewards, group_stds, sampled_norm = 0, 0, [], [], []
@@ -117,8 +117,8 @@ def test_group_normalise_matches_a_direct_computation():
 @pytest.mark.parametrize("form, gamma", [("sampled", 1.0), ("sampled", 2.5), ("topk", 1.0), ("topk", 0.5)])
 def test_loss_gradients_and_metrics_match_an_independent_computation(form, gamma):
     rollouts, student, teacher = hand_made()
-    cfg = load_config(None, ["objective.name=lookahead", f"objective.lookahead_form={form}",
-                             f"objective.lookahead_gamma={gamma}"]).objective
+    cfg = load_config(None, ["objective.name=lookahead", f"objective.lookahead.form={form}",
+                             f"objective.lookahead.gamma={gamma}"]).objective
     out = OBJECTIVES["lookahead"](rollouts, student, teacher, cfg)
     out.loss.backward()
     hidden = student.hidden_B_T_H.detach().clone().requires_grad_()
@@ -169,7 +169,7 @@ def builtin_pair(seed: int = 0):
 
 
 def test_score_with_lookahead_equals_plain_scores_and_naive_candidate_rewards():
-    from opdlab.rollout import sample
+    from opdlab.rollout.builtin import sample
     tokenizer, student, teacher = builtin_pair()
     V = len(tokenizer)
     problems = [Problem(str(i), q, "0") for i, q in enumerate(["Compute 1 + 2.", "Compute 12 - 5 + 6.", "Hi"])]
@@ -222,17 +222,17 @@ def initial_weights(dirs):
 
 def run(dirs, run_dir, *extra):
     cfg = load_config(None, [
-        f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}", "device=cpu", "task.max_steps=2",
-        "task.test_size=8", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=2",
+        f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}", "device=cpu",
+        "task.arithmetic.max_steps=2", "task.test_size=8", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=12", "train.steps=2", "train.save_every=2", "train.sample_every=100",
-        "train.lr=1e-3", "scoring.chunk_size=5", "objective.top_k=4", f"run_dir={run_dir}", *extra])
+        "train.lr=1e-3", "scoring.chunk_size=5", "objective.support_k=4", f"run_dir={run_dir}", *extra])
     train(cfg, progress=False)
     return metric_rows(run_dir)
 
 
 def test_lookahead_trains_logs_its_metrics_and_reduces_to_opd(builtin_dirs, tmp_path):
-    rows = run(builtin_dirs, tmp_path / "lgr", "objective.name=lookahead", "objective.lookahead_tau=1.5",
-               "objective.lookahead_k=4", "objective.lookahead_segment=5", "train.micro_batch_size=4")
+    rows = run(builtin_dirs, tmp_path / "lgr", "objective.name=lookahead", "objective.lookahead.tau=1.5",
+               "objective.lookahead.k=4", "objective.lookahead.segment=5", "train.micro_batch_size=4")
     for r in rows:
         for key in ("lookahead/trigger_rate", "lookahead/reward_mean", "lookahead/reward_std",
                     "lookahead/sampled_in_candidates", "lookahead/bonus_share", "train/reverse_kl"):
@@ -246,22 +246,22 @@ def test_lookahead_trains_logs_its_metrics_and_reduces_to_opd(builtin_dirs, tmp_
     assert max_diff(lgr, opd) > 1e-3  # the bonus changed the update
     # no trigger (tau above log V) or gamma = 0: the same update as opd (up to the tree passes' fp32 rounding of the
     # teacher's log-probs, ~1e-6, which two Adam steps turn into < 1e-4)
-    for extra in ("objective.lookahead_tau=50", "objective.lookahead_gamma=0"):
-        name = extra.split("=")[0].split(".")[1]
-        rows = run(builtin_dirs, tmp_path / name, "objective.name=lookahead", "objective.lookahead_tau=1.5",
+    for extra in ("objective.lookahead.tau=50", "objective.lookahead.gamma=0"):
+        name = extra.split("=")[0].split(".")[-1]
+        rows = run(builtin_dirs, tmp_path / name, "objective.name=lookahead", "objective.lookahead.tau=1.5",
                    "train.micro_batch_size=4", extra)
         assert max_diff(weights(tmp_path / name, 2), opd) < 1e-4, extra
         for r in rows:
             assert r["lookahead/bonus_share"] == 0
-            if name == "lookahead_tau":
+            if name == "tau":
                 assert r["lookahead/trigger_rate"] == 0 and "lookahead/reward_mean" not in r
             else:
                 assert r["lookahead/trigger_rate"] > 0
 
 
 def test_topk_form_with_top_p_and_masked_tokens(builtin_dirs, tmp_path):
-    rows = run(builtin_dirs, tmp_path / "topk", "objective.name=lookahead", "objective.lookahead_form=topk",
-               "objective.lookahead_tau=1.5", "objective.lookahead_signal=neg_entropy", "rollout.top_p=0.9",
+    rows = run(builtin_dirs, tmp_path / "topk", "objective.name=lookahead", "objective.lookahead.form=topk",
+               "objective.lookahead.tau=1.5", "objective.lookahead.signal=neg_entropy", "rollout.top_p=0.9",
                "objective.mask_tokens=[" + ", ".join(repr(c) for c in "0123456789abcdefghijklmnopqrst") + "]",
                "train.lr=1e-4")
     assert any(r["train/masked_frac"] > 0 for r in rows)
@@ -272,9 +272,9 @@ def test_topk_form_with_top_p_and_masked_tokens(builtin_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("override, allowed", [
-    ("objective.lookahead_signal=maxp", "max_p"), ("objective.lookahead_form=all", "topk"),
-    ("objective.lookahead_k=0", "greater than or equal to 1"), ("objective.lookahead_tau=-1", "greater than or"),
-    ("objective.lookahead_segment=0", "greater than or equal to 1")])
+    ("objective.lookahead.signal=maxp", "max_p"), ("objective.lookahead.form=all", "topk"),
+    ("objective.lookahead.k=0", "greater than or equal to 1"), ("objective.lookahead.tau=-1", "greater than or"),
+    ("objective.lookahead.segment=0", "greater than or equal to 1")])
 def test_bad_lookahead_values_name_the_field(override, allowed):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])

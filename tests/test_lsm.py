@@ -1,4 +1,4 @@
-"""Tests of LSM, teacher top-K local support matching (`opdlab.objectives.lsm`), for every `objective.support`:
+"""Tests of LSM, teacher top-K local support matching (`opdlab.objectives.lsm`), for every `objective.lsm.support`:
 loss, gradients and diagnostics against a direct float64 computation that builds each position's support S as a
 Python set, gradients that reach only in-support logits, duplicates without NaN, and the head+tail term.
 
@@ -59,7 +59,7 @@ def direct_lsm(batch, support, kl_coef=1.0):
 def test_lsm_matches_direct_computation(support, on_policy):
     batch = logit_batch(seed=SUPPORTS.index(support) + 10 * on_policy, B=4, T=6, V=11, on_policy=on_policy)
     r, s, t = batch.inputs(top_k=K, chunk_size=5, keep_hidden=support == "student_topk")
-    cfg = ObjectiveConfig(name="lsm", top_k=K, support=support, kl_coef=1.3)
+    cfg = ObjectiveConfig(name="lsm", support_k=K, kl_coef=1.3, lsm={"support": support})
     out = OBJECTIVES["lsm"](r, s, t, cfg)
     (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
     loss, expected_grad, supports = direct_lsm(batch, support, kl_coef=1.3)
@@ -78,7 +78,7 @@ def test_lsm_matches_direct_computation(support, on_policy):
 def test_gradient_reaches_only_in_support_logits(support):
     batch = logit_batch(seed=4, B=3, T=5, V=23)
     r, s, t = batch.inputs(top_k=K, keep_hidden=support == "student_topk")
-    out = OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", top_k=K, support=support))
+    out = OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", support_k=K, lsm={"support": support}))
     (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
     _, _, supports = direct_lsm(batch, support)
     in_support = torch.zeros_like(grad, dtype=torch.bool)
@@ -93,7 +93,7 @@ def test_head_tail_gradient_outside_support_is_the_policy_gradient_term():
     policy gradient, reaching the logits through log pi_theta(y_t) (all of them, via the normaliser)."""
     batch = logit_batch(seed=2, B=3, T=6, V=19)
     r, s, t = batch.inputs(top_k=K)
-    cfg = lambda support: ObjectiveConfig(name="lsm", top_k=K, support=support)  # noqa: E731
+    cfg = lambda support: ObjectiveConfig(name="lsm", support_k=K, lsm={"support": support})  # noqa: E731
     head = OBJECTIVES["lsm"](r, s, t, cfg("teacher_topk")).loss
     both = OBJECTIVES["lsm"](r, s, t, cfg("head_tail"))
     outside = batch.mask_B_T.bool() & ~(t.topk_ids_B_T_K == batch.ids_B_T[..., None]).any(-1)
@@ -112,7 +112,7 @@ def test_duplicate_support_slots_give_no_nan():
         batch.zt_B_T_V.scatter_(-1, batch.ids_B_T[..., None], 8.0)
     for support in ("teacher_topk_sampled", "student_topk"):
         r, s, t = batch.inputs(top_k=K, keep_hidden=True)
-        out = OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", top_k=K, support=support))
+        out = OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", support_k=K, lsm={"support": support}))
         (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
         assert out.metrics["support/size"] == K
@@ -132,7 +132,7 @@ def test_renormalisation_is_what_makes_supports_comparable():
 def test_diagnostics_match_direct_computation():
     batch = logit_batch(seed=7, B=3, T=5, V=15)
     r, s, t = batch.inputs(top_k=K)
-    out = OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", top_k=K))
+    out = OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", support_k=K))
     m = batch.mask_B_T.bool()
     logp = F.log_softmax(batch.z_B_T_V.detach().double(), -1)[m]
     logq = F.log_softmax(batch.zt_B_T_V.double(), -1)[m]
@@ -151,13 +151,13 @@ def test_diagnostics_match_direct_computation():
 
 def test_teacher_request_and_errors():
     request = OBJECTIVES["lsm"].teacher_request
-    assert request(ObjectiveConfig(name="lsm", top_k=7)).top_k == 7
+    assert request(ObjectiveConfig(name="lsm", support_k=7)).top_k == 7
     assert not request(ObjectiveConfig(name="lsm")).hidden
-    assert request(ObjectiveConfig(name="lsm", support="student_topk")).hidden
+    assert request(ObjectiveConfig(name="lsm", lsm={"support": "student_topk"})).hidden
     assert OBJECTIVES["lsm"].default_top_p == 0.9
     r, s, t = logit_batch(seed=0).inputs(top_k=2)
     with pytest.raises(ValueError, match="top-4"):
-        OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", top_k=4))
+        OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", support_k=4))
     r, s, t = logit_batch(seed=0).inputs(top_k=4, keep_hidden=False)
     with pytest.raises(ValueError, match="keep_hidden=True"):
-        OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", top_k=4, support="student_topk"))
+        OBJECTIVES["lsm"](r, s, t, ObjectiveConfig(name="lsm", support_k=4, lsm={"support": "student_topk"}))

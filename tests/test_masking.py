@@ -1,6 +1,6 @@
-"""Tests of special-token masking (`opdlab.masking`) and of every objective's use of `Rollouts.loss_mask_B_T`: which
-ids the automatic set holds (special, chat-template and think-tag tokens when the two chat templates differ, tokens
-the two tokenizers split differently; never EOS), and that an unmasked special token the teacher gives near-zero
+"""Tests of special-token masking (`opdlab.rollout.masking`) and of every objective's use of `Rollouts.loss_mask_B_T`:
+which ids the automatic set holds (special, chat-template and think-tag tokens when the two chat templates differ,
+tokens the two tokenizers split differently; never EOS), and that an unmasked special token the teacher gives near-zero
 probability dominates the loss while the mask removes exactly its contribution.
 
     python -m pytest tests/test_masking.py -q
@@ -16,8 +16,8 @@ from tokenizers import normalizers
 
 from logit_batches import logit_batch
 from opdlab.config import ObjectiveConfig
-from opdlab.masking import masked_token_ids, mismatched_token_ids, special_token_ids, with_loss_mask
-from opdlab.models import build_char_tokenizer
+from opdlab.rollout.masking import masked_token_ids, mismatched_token_ids, special_token_ids, with_loss_mask
+from opdlab.models.loading import build_char_tokenizer
 from opdlab.objectives import OBJECTIVES
 
 torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def test_mask_removes_a_mismatched_special_token_exactly(tok, name):
         batch.logp_old_B_T = F.log_softmax(batch.z_B_T_V.detach(), -1).gather(-1, batch.ids_B_T[..., None])[..., 0]
     # (lsm on the teacher's top-K alone never sees a token the teacher gives near-zero probability: the variant
     # that adds the sampled token to S does, and needs the mask)
-    cfg = ObjectiveConfig(name=name, top_k=4, support="teacher_topk_sampled")
+    cfg = ObjectiveConfig(name=name, support_k=4, lsm={"support": "teacher_topk_sampled"})
     r, s, t = batch.inputs(top_k=4)
     # a teacher whose chat template differs from the student's: the special tokens are masked
     r_masked = with_loss_mask(r, masked_token_ids(tok, thinking_variant(tok), [], True, keep=[eos]))

@@ -1,4 +1,4 @@
-"""Tests of model loading and teacher/student pairing (`opdlab.models`).
+"""Tests of model loading and teacher/student pairing (`opdlab.models.loading`).
 
     python -m pytest tests/test_models.py -q
 """
@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import STUDENT_SIZE, TEACHER_SIZE, tiny_llama
 from opdlab.config import ModelConfig
-from opdlab.models import ModelLoadError, build_char_tokenizer, check_compatible, load_model
+from opdlab.models.loading import ModelLoadError, build_char_tokenizer, check_compatible, load_model
 
 
 def retokenized(tok, edit) -> PreTrainedTokenizerFast:

@@ -1,5 +1,5 @@
 """Tests of privileged teacher contexts, self-teachers, two-view scoring, the hindsight diagnostics, and privileged
-objectives trained end to end (`opdlab.privileged`, `opdlab.hindsight`, `opdlab.train`).
+objectives trained end to end (`opdlab.teacher.views`, `opdlab.tasks.hindsight`, `opdlab.train`).
 
     python -m pytest tests/test_privileged.py -q
 """
@@ -13,12 +13,13 @@ import torch
 
 from opdlab.config import ConfigError, EvalConfig, PrivilegedConfig, load_config
 from opdlab.evaluate import evaluate
-from opdlab.hindsight import oracle_derivations, rollout_diagnostics, shortcut_events, step_errors
-from opdlab.privileged import (EMATeacher, cut_at_word, frozen_copy, partial_trace, score_views, split_trace,
+from opdlab.tasks.hindsight import oracle_derivations, rollout_diagnostics, shortcut_events, step_errors
+from opdlab.teacher.self_teacher import EMATeacher, frozen_copy
+from opdlab.teacher.views import (cut_at_word, partial_trace, score_views, split_trace,
                                teacher_prompts, view_prompt_ids, view_text)
-from opdlab.rollout import sample
+from opdlab.rollout.builtin import sample
 from opdlab.tasks.arithmetic import ArithmeticTask
-from opdlab.teacher import score
+from opdlab.teacher.scoring import score
 from opdlab.train import train
 from opdlab.types import Problem
 from test_train import assert_same_weights, make_cfg, metric_rows, weights
@@ -195,8 +196,8 @@ def test_eval_reports_the_shortcut_rate(tokenizer, student_model):
 # ----------------------------------------------------------------------------------------------- training
 
 
-PRIV = ["task.min_steps=2", "task.max_steps=3", "task.max_value=19", "rollout.max_new_tokens=12",
-        "objective.skip_first=1", "scoring.chunk_size=7"]
+PRIV = ["task.arithmetic.min_steps=2", "task.arithmetic.max_steps=3", "task.arithmetic.max_value=19",
+        "rollout.max_new_tokens=12", "objective.privileged.skip_first=1", "scoring.chunk_size=7"]
 
 
 def test_anchored_residual_trains_end_to_end(model_dirs, tmp_path):
@@ -236,7 +237,7 @@ def test_ema_self_teacher_resumes_exactly(model_dirs, tmp_path):
 def test_late_stage_accuracy_is_the_longest_quarter():
     from types import SimpleNamespace
 
-    from opdlab.privileged_compare import late_accuracy
+    from opdlab.experiments.privileged_compare import late_accuracy
     records = [SimpleNamespace(lengths=[10, 40, 20, 30], rewards=[1.0, 0.0, 1.0, 1.0]),
                SimpleNamespace(lengths=[50, 5, 45, 15], rewards=[1.0, 0.0, 0.0, 0.0])]
     # 8 samples; the 0.75 quantile of the sorted lengths (index 6) is 45: samples of length 45 and 50
@@ -247,10 +248,10 @@ def test_reasoning_gym_traces_give_both_views():
     # reasoning-gym's gsm_symbolic carries a worked solution: the full view holds it whole, the partial view a
     # word-boundary prefix of its reasoning plus the answer line, and both end with the student's question
     from opdlab.config import TaskConfig
-    from opdlab.privileged import view_text
+    from opdlab.teacher.views import view_text
     from opdlab.tasks import make_task
 
-    task = make_task(TaskConfig(name="reasoning_gym", gym_name="gsm_symbolic", gym_train_size=3, test_size=1))
+    task = make_task(TaskConfig(name="reasoning_gym", test_size=1, gym={"name": "gsm_symbolic", "train_size": 3}))
     p = task.problems("train")[0]
     cfg = PrivilegedConfig()
     full, part = view_text(p, "full", cfg), view_text(p, "partial", cfg)

@@ -1,6 +1,7 @@
 """Numerical tests of the privileged objectives (`opdlab.objectives.privileged`): privileged_full,
-privileged_partial and anchored_residual against direct float64 computations on a small vocabulary (loss and gradient, every divergence,
-the skipped first tokens, the top-K support), chunked == unchunked, the lambda limits and the diagnostics.
+privileged_partial and anchored_residual against direct float64 computations on a small vocabulary (loss and gradient,
+every divergence, the skipped first tokens, the top-K support), chunked == unchunked, the lambda limits and the
+diagnostics.
 
     python -m pytest tests/test_privileged_objectives.py -q
 """
@@ -63,8 +64,8 @@ CASES = [("anchored_residual", "kl_target_student", 0.8, 5.0), ("anchored_residu
 @pytest.mark.parametrize("skip", [0, 3])
 def test_objective_matches_direct_computation(name, divergence, lam, clip, skip):
     batch, zp, r, s, t = inputs(CASES.index((name, divergence, lam, clip)), chunk_size=5)
-    cfg = ObjectiveConfig(name=name, target_divergence=divergence, ar_lambda=lam, ar_clip=clip, skip_first=skip,
-                          beta=0.3)
+    cfg = ObjectiveConfig(name=name, privileged={"divergence": divergence, "skip_first": skip},
+                          anchored_residual={"lambda": lam, "clip": clip}, divergence={"beta": 0.3})
     out = OBJECTIVES[name](r, s, t, cfg)
     (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
 
@@ -93,7 +94,7 @@ def test_chunked_equals_unchunked(name, divergence):
     losses, grads = [], []
     for chunk in (1, 4, 1024):
         batch, _, r, s, t = inputs(7, chunk_size=chunk)
-        cfg = ObjectiveConfig(name=name, target_divergence=divergence, target_top_k=0)
+        cfg = ObjectiveConfig(name=name, privileged={"divergence": divergence, "top_k": 0})
         out = OBJECTIVES[name](r, s, t, cfg)
         losses.append(out.loss.detach())
         grads.append(torch.autograd.grad(out.loss, batch.z_B_T_V)[0])
@@ -106,7 +107,7 @@ def test_chunked_equals_unchunked(name, divergence):
 def test_top_k_support_of_the_ar_target(divergence):
     K = 4
     batch, zp, r, s, t = inputs(11, chunk_size=3)
-    cfg = ObjectiveConfig(name="anchored_residual", target_divergence=divergence, target_top_k=K, skip_first=0)
+    cfg = ObjectiveConfig(name="anchored_residual", privileged={"divergence": divergence, "top_k": K, "skip_first": 0})
     out = OBJECTIVES["anchored_residual"](r, s, t, cfg)
     (grad,) = torch.autograd.grad(out.loss, batch.z_B_T_V)
 
@@ -131,14 +132,16 @@ def test_lambda_limits():
         _, _, r, s, t = inputs(3)
         return OBJECTIVES[name](r, s, t, ObjectiveConfig(name=name, **kw)).loss.detach()
 
-    torch.testing.assert_close(loss("anchored_residual", ar_lambda=1.0, ar_clip=1e3), loss("privileged_full"))
-    torch.testing.assert_close(loss("anchored_residual", ar_lambda=0.0), loss("privileged_partial"))
-    assert not torch.allclose(loss("anchored_residual", ar_lambda=0.8), loss("privileged_full"))
+    torch.testing.assert_close(loss("anchored_residual", anchored_residual={"lambda": 1.0, "clip": 1e3}),
+                               loss("privileged_full"))
+    torch.testing.assert_close(loss("anchored_residual", anchored_residual={"lambda": 0.0}), loss("privileged_partial"))
+    assert not torch.allclose(loss("anchored_residual", anchored_residual={"lambda": 0.8}), loss("privileged_full"))
 
 
 def test_diagnostics_match_direct_computation():
     batch, zp, r, s, t = inputs(5)
-    out = OBJECTIVES["anchored_residual"](r, s, t, ObjectiveConfig(name="anchored_residual", skip_first=2))
+    out = OBJECTIVES["anchored_residual"](r, s, t, ObjectiveConfig(name="anchored_residual",
+                                                                   privileged={"skip_first": 2}))
     keep = batch.mask_B_T.bool() & (torch.arange(batch.mask_B_T.shape[1]) >= 2)[None, :]
     pf, pp = Categorical(logits=batch.zt_B_T_V.double()), Categorical(logits=zp.double())
     pi = Categorical(logits=batch.z_B_T_V.detach().double())

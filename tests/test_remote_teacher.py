@@ -1,5 +1,5 @@
-"""The teacher served over HTTP (`opdlab.serve`) and its client (`opdlab.remote_teacher`), on loopback: scores equal
-the in-process teacher's; the answers have vLLM's completions shape; malformed requests get 4xx and the server
+"""The teacher served over HTTP (`opdlab.teacher.serve`) and its client (`opdlab.teacher.remote`), on loopback: scores
+equal the in-process teacher's; the answers have vLLM's completions shape; malformed requests get 4xx and the server
 keeps serving; transient failures are retried, a dead teacher is a clear error; a run whose teacher is killed
 resumes from its checkpoint once a teacher answers again.
 
@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from opdlab.config import ModelConfig
-from opdlab.models import load_model
-from opdlab.remote_teacher import RemoteTeacher, RemoteTeacherError, connect_teacher
-from opdlab.rollout import sample
-from opdlab.serve import RequestError, TeacherService, make_server
+from opdlab.models.loading import load_model
+from opdlab.teacher.remote import RemoteTeacher, RemoteTeacherError, connect_teacher
+from opdlab.rollout.builtin import sample
+from opdlab.teacher.serve import RequestError, TeacherService, make_server
 from opdlab.tasks.arithmetic import ArithmeticTask
-from opdlab.teacher import score
+from opdlab.teacher.scoring import score
 from opdlab.train import train
 from test_train import init_weights, make_cfg, max_diff, metric_rows, opdlab_command, subprocess_env, weights
 
@@ -119,7 +119,7 @@ def test_teacher_prompts_are_scored_like_in_process(served, teacher_pair, rollou
                     padding_side="left")
     kw = dict(teacher_prompt_ids_B_P=ids["input_ids"], teacher_prompt_mask_B_P=ids["attention_mask"])
     local = score(teacher, rollouts, V, top_k=2, **kw)
-    remote = score(RemoteTeacher(served.url), rollouts, V, top_k=2, **kw)  # dispatched through opdlab.teacher
+    remote = score(RemoteTeacher(served.url), rollouts, V, top_k=2, **kw)  # dispatched through opdlab.teacher.scoring
     mask_B_T = rollouts.completion_mask_B_T.bool()
     torch.testing.assert_close(remote.logp_B_T[mask_B_T], local.logp_B_T[mask_B_T], rtol=0, atol=2e-5)
     assert (remote.logp_B_T[mask_B_T] - score(teacher, rollouts, V).logp_B_T[mask_B_T]).abs().max() > 1e-3

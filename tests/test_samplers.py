@@ -1,5 +1,5 @@
-"""The rollout-backend interface (`opdlab.samplers`) with the built-in backend, the vLLM backend's packing of its
-outputs (`opdlab.rollout_vllm.pack_outputs`) and its import guard (vLLM is not installed here).
+"""The rollout-backend interface (`opdlab.rollout.samplers`) with the built-in backend, the vLLM backend's packing of
+its outputs (`opdlab.rollout.vllm.pack_outputs`) and its import guard (vLLM is not installed here).
 
     python -m pytest tests/test_samplers.py -q
 """
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from opdlab.config import ConfigError, RolloutConfig, load_config
-from opdlab.logprobs import student_forward
-from opdlab.rollout_vllm import VLLMSampler, pack_outputs
-from opdlab.samplers import BuiltinSampler, make_sampler
+from opdlab.models.logprobs import student_forward
+from opdlab.rollout.vllm import VLLMSampler, pack_outputs
+from opdlab.rollout.samplers import BuiltinSampler, make_sampler
 from opdlab.tasks.arithmetic import ArithmeticTask
 from opdlab.train import train
 from test_train import make_cfg

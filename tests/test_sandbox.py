@@ -1,10 +1,10 @@
-"""The sandbox: every hostile program of `opdlab.sandbox_check` is contained, and ordinary programs run normally.
+"""The sandbox: every hostile program of `opdlab.tasks.sandbox.check` is contained, and ordinary programs run normally.
 
 Each hostile program is judged by looking at the world afterwards (files, servers, /proc), not at what it printed.
 Runs in about 30 s on one core (three of the programs use the 2 s wall clock in full).
 
     python -m pytest -q tests/test_sandbox.py
-    python -m opdlab.sandbox_check        # the same programs as a table
+    python -m opdlab.tasks.sandbox.check        # the same programs as a table
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from opdlab.sandbox import Limits, RunResult, Sandbox
-from opdlab.sandbox_check import HOSTILE, LIMITS, run_hostile, survivors, table
+from opdlab.tasks.sandbox.run import Limits, RunResult, Sandbox
+from opdlab.tasks.sandbox.check import HOSTILE, LIMITS, run_hostile, survivors, table
 
 BOX = Sandbox(LIMITS)
 
@@ -100,7 +100,7 @@ def test_isolation_reports_layers_and_disabling():
 @pytest.mark.skipif("landlock" not in BOX.isolation().layers, reason="no Landlock on this machine")
 def test_landlock_keeps_the_project_unreadable_but_the_interpreter_readable():
     import sys
-    from opdlab.sandbox_check import PROJECT_DIR
+    from opdlab.tasks.sandbox.check import PROJECT_DIR
 
     probe = "for p in {paths!r}:\n    try:\n        open(p, 'rb').read(1); print('read')\n    except OSError:\n" \
             "        print('denied')\n"

@@ -1,5 +1,5 @@
-"""Tests of sampling (`opdlab.rollout`), teacher scoring (`opdlab.teacher`) and the student's chunked forward
-(`opdlab.logprobs`) against a plain, unchunked full-logit forward `model(input_ids, attention_mask,
+"""Tests of sampling (`opdlab.rollout.builtin`), teacher scoring (`opdlab.teacher.scoring`) and the student's chunked
+forward (`opdlab.models.logprobs`) against a plain, unchunked full-logit forward `model(input_ids, attention_mask,
 position_ids).logits` and independent re-implementations.
 
     python -m pytest tests/test_scoring.py -q
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import STUDENT_SIZE, TEACHER_SIZE, tiny_llama
-from opdlab.logprobs import student_forward
-from opdlab.prompts import encode_prompts, render_prompt
-from opdlab.rollout import sample, top_p_filter
-from opdlab.teacher import score
+from opdlab.models.logprobs import student_forward
+from opdlab.models.prompts import encode_prompts, render_prompt
+from opdlab.rollout.builtin import sample, top_p_filter
+from opdlab.teacher.scoring import score
 from opdlab.types import Problem
 
 QUESTIONS = ["Compute 1 + 2.", "Compute 12 + 34 - 5 + 6.", "Hi", "Compute 9 - 3 + 2."]
@@ -170,7 +170,7 @@ def test_same_seed_same_tokens(eos_model, tokenizer):
 def test_draw_samples_each_rows_distribution(per_row):
     """Inverse-CDF draws match each row's probabilities (chi-square over 20,000 draws per row), never pick a
     zero-probability token, and with per-row generators a row's draws do not depend on the other rows."""
-    from opdlab.rollout import draw
+    from opdlab.rollout.builtin import draw
 
     g = torch.Generator().manual_seed(0)
     probs_B_V = torch.rand(3, 7, generator=g) ** 3
@@ -304,7 +304,7 @@ def test_stats_without_top_k_hold_no_chunk_logits():
     """With top_k = 0 the empty top-K results must be new tensors: empty views of a chunk's (N, V) log-probs kept
     every chunk's storage alive until the end of `token_stats`, i.e. O(N x V) memory, what chunking is there to
     avoid."""
-    from opdlab.logprobs import _stats_chunk
+    from opdlab.models.logprobs import _stats_chunk
 
     head = torch.nn.Linear(8, 50, bias=False)
     *_, ids_N_K, logp_N_K = _stats_chunk(torch.randn(6, 8), torch.zeros(6, dtype=torch.long), head, 50, None, 0)

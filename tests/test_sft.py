@@ -6,12 +6,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opdlab.config import TaskConfig
-from opdlab.models import build_char_tokenizer, init_builtin_model
-from opdlab.prompts import render_prompt
+from opdlab.models.loading import build_char_tokenizer, init_builtin_model
+from opdlab.models.prompts import render_prompt
 from opdlab.sft import SFTConfig, run_sft, sft_batch
 from opdlab.tasks import make_task
 
-TASK = TaskConfig(min_steps=1, max_steps=2, max_value=19)
+TASK = TaskConfig(arithmetic={"min_steps": 1, "max_steps": 2, "max_value": 19})
 
 
 def heldout_loss(model, tok, problems) -> float:

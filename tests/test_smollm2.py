@@ -1,5 +1,5 @@
 """OPD on a real model: SmolLM2-135M-Instruct teaches a 10-layer copy of itself, through `train()` and the normal
-loading path (`teacher.path` / `student.path` pointing at the Hugging Face directories `opdlab.zoo` makes), with
+loading path (`teacher.path` / `student.path` pointing at the Hugging Face directories `opdlab.models.zoo` makes), with
 SmolLM2's own tokenizer and chat template.
 
     python -m pytest tests/test_smollm2.py -q
@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-import opdlab.samplers
+import opdlab.rollout.samplers
 import opdlab.train
-from opdlab import zoo
+from opdlab.models import zoo
 from opdlab.config import load_config
 from opdlab.types import Rollouts
 
@@ -44,20 +44,20 @@ def smollm2_dirs() -> dict[str, Path]:
 def test_two_opd_steps_on_smollm2(smollm2_dirs, tmp_path, monkeypatch):
     # Record the rollouts train() makes, so the prompts it actually fed the model can be checked.
     seen: list[Rollouts] = []
-    real_sample = opdlab.samplers.sample  # what the built-in rollout backend calls
+    real_sample = opdlab.rollout.samplers.sample  # what the built-in rollout backend calls
 
     def recording_sample(*args, **kwargs) -> Rollouts:
         seen.append(real_sample(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(opdlab.samplers, "sample", recording_sample)
+    monkeypatch.setattr(opdlab.rollout.samplers, "sample", recording_sample)
 
     run = tmp_path / "smollm2"
     cfg = load_config(None, [
         f"teacher.path={smollm2_dirs['teacher']}", f"student.path={smollm2_dirs['student']}", "device=cpu",
         # seed 2: both steps draw two questions of different token lengths, so the prompts need padding
-        "task.name=arithmetic", "task.seed=2", "task.min_steps=1", "task.max_steps=2", "task.test_size=4",
-        "rollout.prompts_per_step=2", "rollout.max_new_tokens=20", f"train.steps={STEPS}",
+        "task.name=arithmetic", "task.seed=2", "task.arithmetic.min_steps=1", "task.arithmetic.max_steps=2",
+        "task.test_size=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=20", f"train.steps={STEPS}",
         f"train.save_every={STEPS}", "train.sample_every=1", "train.micro_batch_size=1", "train.lr=1e-4",
         f"run_dir={run}"])
     opdlab.train.train(cfg, progress=False)

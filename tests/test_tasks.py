@@ -16,7 +16,7 @@ import pytest
 
 from opdlab.config import TaskConfig
 from opdlab.tasks import ANSWER_INSTRUCTION, ArithmeticTask, FileTask, GymTask, Problem, make_task
-from opdlab.tasks.files import CheckWorkerError, run_check
+from opdlab.tasks.verify import CheckWorkerError, run_check
 
 
 def in_thread(fn, *args):
@@ -73,7 +73,8 @@ def test_arithmetic_shortcut_targets():
     # a fixed share of warm-start targets is the question's first number with no working; problems and test data
     # are unchanged, and the same problem always gets the same target
     clean = ArithmeticTask(seed=0, min_steps=2, max_steps=3, max_value=19)
-    noisy = make_task(TaskConfig(seed=0, min_steps=2, max_steps=3, max_value=19, shortcut_frac=0.4))
+    noisy = make_task(TaskConfig(seed=0, arithmetic={"min_steps": 2, "max_steps": 3, "max_value": 19,
+                                                     "shortcut_frac": 0.4}))
     problems = list(noisy.problems("train")[:500])
     assert [p.question for p in problems] == [p.question for p in clean.problems("train")[:500]]
     shortcuts = [p for p in problems if noisy.target(p) != p.solution]
@@ -197,7 +198,7 @@ def test_file_verify_gives_up_on_a_hanging_answer(math_task):
 def test_broken_check_worker_raises(math_task):
     # Infrastructure failure is an error, not a reward of 0 that would look like a model that never succeeds.
     with pytest.raises(CheckWorkerError, match="failed to start"):
-        run_check("opdlab.tasks.files:math_equal", ("1", "1"), 5.0, warmup=("opdlab.tasks.files:no_such_fn", ()))
+        run_check("opdlab.tasks.verify:math_equal", ("1", "1"), 5.0, warmup=("opdlab.tasks.verify:no_such_fn", ()))
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         run_check("operator:truediv", (1, 0), 5.0)
     assert run_check("operator:add", (1, 2), 5.0) == 3
@@ -365,13 +366,13 @@ def test_gym_unknown_name_and_speed():
 # ------------------------------------------------------------------------------------------------ make_task
 
 def test_make_task(tmp_path):
-    arith = make_task(TaskConfig(min_steps=3, max_steps=5, seed=2, test_size=7))
+    arith = make_task(TaskConfig(seed=2, test_size=7, arithmetic={"min_steps": 3, "max_steps": 5}))
     assert isinstance(arith, ArithmeticTask) and len(arith.problems("test")) == 7
     assert all(3 <= p.meta["steps"] <= 5 for p in arith.problems("test"))
     path = write_jsonl(tmp_path / "d.jsonl", [{"q": f"Q{i}?", "a": i} for i in range(10)])
-    files = make_task(TaskConfig(name="file", train_path=str(path), question_field="q", answer_field="a",
-                                 test_size=3))
+    files = make_task(TaskConfig(name="file", test_size=3,
+                                 file={"train_path": str(path), "question_field": "q", "answer_field": "a"}))
     assert isinstance(files, FileTask) and len(files.problems("test")) == 3
-    gym = make_task(TaskConfig(name="reasoning_gym", gym_name="chain_sum", gym_train_size=30, test_size=4))
+    gym = make_task(TaskConfig(name="reasoning_gym", test_size=4, gym={"name": "chain_sum", "train_size": 30}))
     assert isinstance(gym, GymTask) and len(gym.problems("train")) == 30
     assert isinstance(gym.problems("test")[0], Problem)

@@ -1,7 +1,8 @@
 """The γ-interpolated OPD estimator of the toy study against independent computations, and a quick run of the study.
 
 The reference gradients are built without `gamma_surrogate_loss` or `discounted_future_sum`: one autograd call per
-sampled step gives s_t = ∇ log π_θ(y_t|c_t), and the weights Σ_{t'≥t} γ^{t'−t} r_t' are summed in Python loops.
+sampled step gives s_t = ∇ log π_θ(y_t|c_t), and the weights Σ_{t'≥t} γ^{t'−t} r_t' are summed in Python
+loops.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import math
 import pytest
 import torch
 
-from opdlab.toy.estimators import (GaussianPolicy, ToyConfig, discounted_future_sum, gamma_surrogate_loss, main,
-                                   rollout)
+from opdlab.experiments.toy.estimators import (GaussianPolicy, ToyConfig, discounted_future_sum, gamma_surrogate_loss,
+                                               main, rollout)
 
 torch.set_num_threads(1)
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)

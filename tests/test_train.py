@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM
 import opdlab.objectives
 from opdlab import cli
 from opdlab.config import load_config
-from opdlab.models import build_char_tokenizer
-from opdlab.prompts import encode_prompts, render_prompt
+from opdlab.models.loading import build_char_tokenizer
+from opdlab.models.prompts import encode_prompts, render_prompt
 from opdlab.tasks.arithmetic import ArithmeticTask
 from opdlab.train import TrainingError, train
 from opdlab.types import ObjectiveOutput
@@ -34,7 +34,8 @@ SUBPROCESS_TIMEOUT = 180
 
 def overrides(model_dirs, run_dir, *extra) -> list[str]:
     return [f"student.path={model_dirs['student']}", f"teacher.path={model_dirs['teacher']}", "device=cpu",
-            "task.min_steps=1", "task.max_steps=2", "task.test_size=8", "rollout.prompts_per_step=2",
+            "task.arithmetic.min_steps=1", "task.arithmetic.max_steps=2", "task.test_size=8",
+            "rollout.prompts_per_step=2",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "train.steps=4", "train.save_every=2",
             "train.sample_every=100", "train.lr=1e-3", "scoring.chunk_size=5", f"run_dir={run_dir}", *extra]
 
@@ -244,7 +245,7 @@ def test_cli_train_end_to_end(model_dirs, tmp_path):
     config = tmp_path / "cli.yaml"
     config.write_text(yaml.safe_dump({
         "student": {"path": str(model_dirs["student"])}, "teacher": {"path": str(model_dirs["teacher"])},
-        "task": {"name": "arithmetic", "min_steps": 1, "max_steps": 2, "test_size": 8},
+        "task": {"name": "arithmetic", "arithmetic": {"min_steps": 1, "max_steps": 2}, "test_size": 8},
         "rollout": {"prompts_per_step": 2, "max_new_tokens": 8}, "device": "cpu"}))
     proc = subprocess.run(
         [*opdlab_command(), "train", str(config), "train.steps=3", "train.save_every=2", "train.sample_every=2",
@@ -281,7 +282,7 @@ def test_cli_bad_override_exits_2(override, field, capsys, tmp_path):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_learning_rate_schedule_with_a_floor(schedule):
     from opdlab.config import TrainConfig
-    from opdlab.train import make_scheduler
+    from opdlab.runtime import make_scheduler
 
     cfg = TrainConfig(steps=110, warmup_steps=10, schedule=schedule, lr=1e-3, min_lr_ratio=0.1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)

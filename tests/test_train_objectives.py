@@ -14,23 +14,25 @@ import torch.nn.functional as F
 import yaml
 
 from opdlab.config import ConfigError, RunConfig, describe, load_config
-from opdlab.prompts import encode_prompts, render_prompt
-from opdlab.rollout import reference_rollouts
+from opdlab.models.prompts import encode_prompts, render_prompt
+from opdlab.rollout.builtin import reference_rollouts
+from opdlab.run import load_run_config
 from opdlab.train import resolve_defaults, train
 from opdlab.types import Problem
 from test_train import assert_same_weights, init_weights, make_cfg, max_diff, metric_rows, weights
 
 torch.set_num_threads(1)
 
-RUNS = [("forward_kl", []), ("reverse_kl", []), ("jsd", ["objective.beta=0.3", "objective.temperature=0.8"]),
-        ("lsm", []), ("lsm", ["objective.support=teacher_topk_sampled"]), ("lsm", ["objective.support=student_topk"]),
-        ("lsm", ["objective.support=head_tail"])]
+RUNS = [("forward_kl", []), ("reverse_kl", []),
+        ("jsd", ["objective.divergence.beta=0.3", "objective.divergence.temperature=0.8"]),
+        ("lsm", []), ("lsm", ["objective.lsm.support=teacher_topk_sampled"]),
+        ("lsm", ["objective.lsm.support=student_topk"]), ("lsm", ["objective.lsm.support=head_tail"])]
 
 
 @pytest.mark.parametrize("name, extra", RUNS, ids=[" ".join([n, *e]) for n, e in RUNS])
 def test_objective_trains_end_to_end(model_dirs, tmp_path, name, extra):
     run = tmp_path / "run"
-    train(make_cfg(model_dirs, run, f"objective.name={name}", "objective.top_k=5", "train.steps=2",
+    train(make_cfg(model_dirs, run, f"objective.name={name}", "objective.support_k=5", "train.steps=2",
                    "train.micro_batch_size=3", *extra), progress=False)
     rows = metric_rows(run)
     assert [r["step"] for r in rows] == [1, 2]
@@ -49,7 +51,7 @@ def test_objective_trains_end_to_end(model_dirs, tmp_path, name, extra):
 
 def test_opd_logs_support_diagnostics(model_dirs, tmp_path):
     run = tmp_path / "opd"
-    train(make_cfg(model_dirs, run, "train.steps=1", "objective.top_k=3"), progress=False)
+    train(make_cfg(model_dirs, run, "train.steps=1", "objective.support_k=3"), progress=False)
     (row,) = metric_rows(run)
     assert {"support/teacher_mass", "support/student_mass", "support/topk_overlap", "train/reverse_kl",
             "train/masked_frac", "train/on_policy"} <= row.keys()
@@ -122,24 +124,26 @@ def test_top_p_default_follows_the_objective():
 
 
 @pytest.mark.parametrize("override, field, allowed", [
-    ("objective.support=nearby", "objective.support", "teacher_topk_sampled"),
-    ("objective.beta=1.5", "objective.beta", "less than or equal to 1"),
+    ("objective.lsm.support=nearby", "objective.lsm.support", "teacher_topk_sampled"),
+    ("objective.divergence.beta=1.5", "objective.divergence.beta", "less than or equal to 1"),
     ("objective.gkd_lambda=-0.1", "objective.gkd_lambda", "greater than or equal to 0"),
-    ("objective.top_k=0", "objective.top_k", "greater than or equal to 1"),
-    ("objective.temperature=0", "objective.temperature", "greater than 0"),
+    ("objective.support_k=0", "objective.support_k", "greater than or equal to 1"),
+    ("objective.divergence.temperature=0", "objective.divergence.temperature", "greater than 0"),
     ("objective.auto_mask=maybe", "objective.auto_mask", "bool"),
     ("objective.name=kl", "objective.name", "forward_kl"),
 ])
 def test_bad_values_name_field_value_and_allowed(override, field, allowed):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_run_config(None, [override])
     message = str(err.value)
     assert field in message and override.split("=", 1)[1] in message and allowed in message, message
 
 
 def test_new_fields_are_documented():
     rows = {name: doc for name, _, _, doc in describe(RunConfig)}
-    for name in ("objective.beta", "objective.temperature", "objective.gkd_lambda", "objective.top_k",
-                 "objective.support", "objective.mask_tokens", "objective.auto_mask", "rollout.top_p"):
+    for name in ("objective.divergence.beta", "objective.divergence.temperature", "objective.gkd_lambda",
+                 "objective.support_k",
+                 "objective.lsm.support", "objective.mask_tokens", "objective.auto_mask", "rollout.top_p"):
         assert len(rows[name]) > 30, name
-    assert "KL(pi_T||pi_theta)" in rows["objective.beta"] and "KL(pi_theta||pi_T)" in rows["objective.beta"]
+    assert ("KL(pi_T||pi_theta)" in rows["objective.divergence.beta"]
+            and "KL(pi_theta||pi_T)" in rows["objective.divergence.beta"])

@@ -1,4 +1,4 @@
-"""Tree attention (`opdlab.tree_attention`) against a naive forward per candidate.
+"""Tree attention (`opdlab.teacher.tree_attention`) against a naive forward per candidate.
 
 Every leaf's next-token log-probs must equal those of a plain forward over (prompt, y_<t, v_k) with no padding, no
 cache and no custom mask, to 1e-5 in fp32; the rollout's own hidden states must equal the ordinary scoring forward.
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from opdlab.logprobs import completion_hidden
-from opdlab.tree_attention import confidence_reward, leaf_confidence, student_candidates, tree_forward
+from opdlab.models.logprobs import completion_hidden
+from opdlab.teacher.tree_attention import confidence_reward, leaf_confidence, student_candidates, tree_forward
 from opdlab.types import Problem, Rollouts
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Tests of opdlab.zoo: the SmolLM2 teacher converted from GGUF and a layer-pruned student.
+"""Tests of opdlab.models.zoo: the SmolLM2 teacher converted from GGUF and a layer-pruned student.
 
 Run: `python -m pytest tests/test_zoo.py -q -s` (-s shows the generated text). The models are cached under
 `$OPDLAB_CACHE` (default `~/.cache/opdlab`), so only the first run pays the ~20 s conversion; the whole file takes
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdlab import zoo
+from opdlab.models import zoo
 
 STUDENT_LAYERS = 10
 PROMPT = [{"role": "user", "content": "What is 2+3?"}]

@@ -5,7 +5,7 @@
 and the training loop calls whichever `objective.name` selects; adding an objective is adding an entry here.
 An entry also says what the objective needs from the teacher (`teacher_request(cfg)`: top-K ids/log-probs, and
 whether to keep the teacher's hidden states for its full distribution) and its default rollout top-p, so the
-loop asks `opdlab.teacher.score` for exactly that and never branches on the objective's name. A plain function
+loop asks `opdlab.teacher.scoring.score` for exactly that and never branches on the objective's name. A plain function
 is accepted too (`as_objective`): it needs nothing beyond the sampled-token scores and samples with top-p 1.
 
 One file per family: `opd` (sampled-token OPD), `divergence` (full-vocabulary KLs and JSD / GKD), `lsm` (teacher
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from opdlab.config import ObjectiveConfig
+from opdlab.config import ConfigError, ObjectiveConfig
 from opdlab.objectives.divergence import forward_kl, jsd, reverse_kl
 from opdlab.objectives.lsm import lsm, lsm_teacher_request
 from opdlab.objectives.lookahead import lookahead, lookahead_teacher_request
@@ -35,7 +35,7 @@ def _scores_only(cfg: ObjectiveConfig) -> TeacherRequest:
 
 
 def _top_k(cfg: ObjectiveConfig) -> TeacherRequest:
-    return TeacherRequest(top_k=cfg.top_k)
+    return TeacherRequest(top_k=cfg.support_k)
 
 
 def _full_distribution(cfg: ObjectiveConfig) -> TeacherRequest:
@@ -71,10 +71,20 @@ OBJECTIVES: dict[str, Objective | ObjectiveFn] = {
     "reverse_kl": Objective(reverse_kl, teacher_request=_full_distribution),
     "jsd": Objective(jsd, teacher_request=_full_distribution),
     "lsm": Objective(lsm, teacher_request=lsm_teacher_request, default_top_p=0.9),
-    # privileged OPD (METHODS.md section 3): the teacher scores both views of the oracle trace in one pass
+    # privileged OPD (docs/methods.md#privileged-opd-and-anchored-residual-guidance-ar-opd): the teacher scores both
+    # views of the oracle trace in one pass
     "privileged_full": Objective(privileged_full, teacher_request=privileged_teacher_request),
     "privileged_partial": Objective(privileged_partial, teacher_request=privileged_teacher_request),
     "anchored_residual": Objective(anchored_residual, teacher_request=privileged_teacher_request),
-    # LGR (METHODS.md section 2): the teacher also scores the student's top-K candidates one step ahead
+    # LGR (docs/methods.md#lookahead-group-reward-lgr): the teacher also scores the student's top-K candidates one step
+    # ahead
     "lookahead": Objective(lookahead, teacher_request=lookahead_teacher_request),
 }
+
+
+def get_objective(name: str) -> Objective:
+    """The table entry named `name` (`objective.name`), as an `Objective`; an unknown name is a `ConfigError`."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"invalid configuration: objective.name: unknown objective {name!r} (got {name!r}); "
+                          f"allowed: {', '.join(sorted(OBJECTIVES))}")
+    return as_objective(OBJECTIVES[name])

@@ -6,15 +6,15 @@ chunk's (chunk_size, V) logits, never (B, T, V). Checkpointing each chunk instea
 but make every chunk twice (both models' logits and the diagnostics): about half the time of a full-vocabulary loss
 at a 150k vocabulary.
 
-Diagnostics (METHODS.md section 1), all means over loss tokens, computed under no_grad from tensors the objective
-already has; every value stays a tensor until `to_floats`, which syncs once:
+Diagnostics (docs/methods.md#local-support-matching-lsm), all means over loss tokens, computed under no_grad from
+tensors the objective already has; every value stays a tensor until `to_floats`, which syncs once:
 
     train/reverse_kl       sampled-token estimate of KL(pi_old || pi_T): mean of log pi_old(y_t) - log pi_T(y_t)
     train/neg_reward_frac  fraction of sampled tokens with negative reward, log pi_T(y_t) < log pi_old(y_t)
     gap/pos_A_B            mean of log pi_T(y_t) - log pi_theta(y_t) over completion positions A <= t < B
     support/teacher_mass   sum_{v in S} pi_T(v): the teacher's mass on the support S
     support/student_mass   sum_{v in S} pi_theta(v)
-    support/topk_overlap   |TopK(pi_T) ∩ TopK(pi_theta)| / K, K = objective.top_k
+    support/topk_overlap   |TopK(pi_T) ∩ TopK(pi_theta)| / K, K = objective.support_k
     support/sampled_in_topk  fraction of sampled tokens inside the teacher's top-K (the student's, for student_topk)
     support/size           mean |S| (K, or K + 1 where the sampled token was added to S)
 
@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from opdlab.logprobs import chunk_logits
+from opdlab.models.logprobs import chunk_logits
 from opdlab.types import Rollouts, StudentOutputs, TeacherScores
 
 # Completion-position buckets of the teacher-student gap: [0, 32), [32, 128), [128, 512), [512, inf).

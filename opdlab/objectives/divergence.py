@@ -1,7 +1,7 @@
-"""Full-vocabulary divergences and generalised JSD (GKD), METHODS.md section 0.
+"""Full-vocabulary divergences and generalised JSD (GKD), docs/methods.md#full-vocabulary-divergences-and-gkd.
 
 Per loss token, with p = pi_theta(.|c_t) and q = pi_T(.|c_t) over the whole vocabulary, both computed from logits
-divided by the temperature tau (`objective.temperature`):
+divided by the temperature tau (`objective.divergence.temperature`):
 
     forward_kl   KL(pi_T || pi_theta)  = sum_v q(v) (log q(v) - log p(v))       teacher first ("mode covering")
     reverse_kl   KL(pi_theta || pi_T)  = sum_v p(v) (log p(v) - log q(v))       student first ("mode seeking")
@@ -54,7 +54,7 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
         raise ValueError("full-vocabulary objectives need the teacher's hidden states: score(..., keep_hidden=True)")
     mask_B_T = rollouts.loss_mask_B_T.bool()
     n_tokens = mask_B_T.sum().clamp(min=1)
-    tau = cfg.temperature
+    tau = cfg.divergence.temperature
     hidden_N_H = student.hidden_B_T_H[mask_B_T]
     teacher_hidden_N_H = teacher.hidden_B_T_H.to(hidden_N_H.device)[mask_B_T]
     sampled_N = rollouts.completion_ids_B_T[mask_B_T]
@@ -66,7 +66,7 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
         logp_C_V = F.log_softmax(scaled(logits_of(student, h_C_H)), dim=-1)
         with torch.no_grad():
             logq_C_V = F.log_softmax(scaled(logits_of(teacher, teacher_h_C_H)), dim=-1)
-            stats = teacher_topk_stats(logp_C_V.detach(), logq_C_V, y_C, min(cfg.top_k, logq_C_V.shape[-1]))
+            stats = teacher_topk_stats(logp_C_V.detach(), logq_C_V, y_C, min(cfg.support_k, logq_C_V.shape[-1]))
         if beta in (0.0, 1.0):  # the loss is one KL and the diagnostic the other: both from one difference
             diff_C_V = logp_C_V - logq_C_V
             with torch.no_grad():
@@ -95,16 +95,16 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
 
 def forward_kl(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
                cfg: ObjectiveConfig) -> ObjectiveOutput:
-    """Full-vocabulary KL(pi_T || pi_theta) per token (teacher first), at objective.temperature."""
+    """Full-vocabulary KL(pi_T || pi_theta) per token (teacher first), at objective.divergence.temperature."""
     return full_vocab_divergence(rollouts, student, teacher, cfg, beta=0.0)
 
 
 def reverse_kl(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
                cfg: ObjectiveConfig) -> ObjectiveOutput:
-    """Full-vocabulary KL(pi_theta || pi_T) per token (student first), at objective.temperature."""
+    """Full-vocabulary KL(pi_theta || pi_T) per token (student first), at objective.divergence.temperature."""
     return full_vocab_divergence(rollouts, student, teacher, cfg, beta=1.0)
 
 
 def jsd(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg: ObjectiveConfig) -> ObjectiveOutput:
     """Generalised JSD_beta (GKD): beta KL(pi_T||M) + (1-beta) KL(pi_theta||M), M = beta pi_T + (1-beta) pi_theta."""
-    return full_vocab_divergence(rollouts, student, teacher, cfg, beta=cfg.beta)
+    return full_vocab_divergence(rollouts, student, teacher, cfg, beta=cfg.divergence.beta)

@@ -1,17 +1,17 @@
-"""The lookahead objective: Lookahead Group Reward (LGR), METHODS.md section 2.
+"""The lookahead objective: Lookahead Group Reward (LGR), docs/methods.md#lookahead-group-reward-lgr.
 
 On student-generated prefixes the teacher's confidence decays, and with it the reverse-KL signal of sampled-token
 OPD. LGR adds a reward that looks one step ahead. At the trigger positions S = {t : H(pi_theta(. | c_t)) > tau}
 (the student's entropy, loss positions only) the student's top-K tokens v_1..v_K are the candidates; candidate k's
 raw reward is the teacher's confidence after it, by default r(k) = max_v pi_T(v | x, y_<t, v_k) (other signals:
-`opdlab.tree_attention.confidence_reward`); rewards are normalised within each group of K,
+`opdlab.teacher.tree_attention.confidence_reward`); rewards are normalised within each group of K,
 
     r~(k) = (r(k) - mean_k r) / (std_k r + eps),   std over the K candidates (1/K, not 1/(K-1)) [R], eps = 1e-6.
 
-Forms (`objective.lookahead_form`):
+Forms (`objective.lookahead.form`):
 
     sampled (default)  A_t = -kappa * rkl_t + gamma * 1[t in S] * r~(y_t), the sampled token's own normalised
-                       reward; no bonus when y_t is not among the K candidates [R: METHODS.md leaves the sign and
+                       reward; no bonus when y_t is not among the K candidates [R: the paper leaves the sign and
                        this case open]. The loss is OPD's importance-sampling policy gradient with this advantage,
                        L = -sum_t ratio_t * A_t / n (PPO clip with objective.clip_eps).
     topk               A_t = -kappa * rkl_t (plain OPD), plus at every t in S a policy-gradient term over all K
@@ -19,14 +19,14 @@ Forms (`objective.lookahead_form`):
                        candidate term replaces the sampled-token bonus, so y_t is not rewarded twice].
 
 rkl_t = log pi_old(y_t) - log pi_T(y_t), optionally summed with objective.discount (as in `opd`); kappa =
-objective.kl_coef, gamma = objective.lookahead_gamma, n = the batch's loss tokens. Defaults K = 8, tau = 0.2,
-gamma = 1 (METHODS.md: large gamma, e.g. 10, lets the student game the reward with repeated tokens).
+objective.kl_coef, gamma = objective.lookahead.gamma, n = the batch's loss tokens. Defaults K = 8, tau = 0.2,
+gamma = 1 (the paper: large gamma, e.g. 10, lets the student game the reward with repeated tokens).
 
-The candidates and their rewards are teacher work: the table entry's `teacher_request` asks `opdlab.teacher.score`
-for them (`TeacherRequest.lookahead`), which runs the student once without gradients to pick S and the candidates and
-scores all of them with tree attention in the teacher's scoring passes. Top-p rollouts and special-token masking
-compose as for `opd`: the candidates come from the student's untruncated distribution, and masked tokens are
-neither in the loss nor in S.
+The candidates and their rewards are teacher work: the table entry's `teacher_request` asks
+`opdlab.teacher.scoring.score` for them (`TeacherRequest.lookahead`), which runs the student once without gradients to
+pick S and the candidates and scores all of them with tree attention in the teacher's scoring passes. Top-p rollouts and
+special-token masking compose as for `opd`: the candidates come from the student's untruncated distribution, and masked
+tokens are neither in the loss nor in S.
 
 Diagnostics (besides those of `opd`), per step:
 
@@ -37,6 +37,9 @@ Diagnostics (besides those of `opd`), per step:
     lookahead/sampled_norm_reward    mean r~(y_t) over those positions (> 0: the student samples good candidates)
     lookahead/bonus_share            sum |gamma * bonus| / (sum |OPD advantage| + sum |gamma * bonus|) over loss
                                      tokens; the bonus is gamma * r~(y_t) (sampled) or gamma * sum_k |r~(k)| (topk)
+
+[R] marks a reconstruction: a detail the source paper's text leaves open, chosen here and explained in
+docs/methods.md#reconstructions.
 """
 from __future__ import annotations
 
@@ -56,8 +59,8 @@ EPS = 1e-6
 
 def lookahead_teacher_request(cfg: ObjectiveConfig) -> TeacherRequest:
     """Candidate rewards (and the teacher's top-K for the support/* diagnostics, as for opd)."""
-    return TeacherRequest(top_k=cfg.top_k, lookahead=LookaheadRequest(
-        k=cfg.lookahead_k, tau=cfg.lookahead_tau, signal=cfg.lookahead_signal, segment_len=cfg.lookahead_segment))
+    return TeacherRequest(top_k=cfg.support_k, lookahead=LookaheadRequest(
+        k=cfg.lookahead.k, tau=cfg.lookahead.tau, signal=cfg.lookahead.signal, segment_len=cfg.lookahead.segment))
 
 
 def group_normalise(reward_B_T_K: torch.Tensor, trigger_B_T: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -87,11 +90,11 @@ def lookahead(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScore
     ids_B_T_K, raw_B_T_K = teacher.lookahead_ids_B_T_K, teacher.lookahead_reward_B_T_K.float()
     norm_B_T_K = group_normalise(raw_B_T_K, trigger_B_T)
     is_sampled_B_T_K = (ids_B_T_K == y_B_T[..., None]) & trigger_B_T[..., None]
-    gamma = cfg.lookahead_gamma
+    gamma = cfg.lookahead.gamma
 
     rkl_B_T = (rollouts.logp_old_B_T - teacher.logp_B_T) * mask_B_T
     opd_advantage_B_T = -cfg.kl_coef * discounted_future_sum(rkl_B_T, mask_B_T, cfg.discount)
-    if cfg.lookahead_form == "sampled":
+    if cfg.lookahead.form == "sampled":
         bonus_B_T = gamma * (norm_B_T_K * is_sampled_B_T_K).sum(-1)  # 0 when y_t is not a candidate
         advantage_B_T = opd_advantage_B_T + bonus_B_T
         bonus_size_B_T = bonus_B_T.abs()
@@ -105,7 +108,7 @@ def lookahead(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScore
         objective_B_T = torch.minimum(objective_B_T, clipped_B_T)
     loss_sum = -(objective_B_T * mask_B_T).sum()
 
-    if cfg.lookahead_form == "topk" and trigger_B_T.any():
+    if cfg.lookahead.form == "topk" and trigger_B_T.any():
         def chunk(h_C_H, ids_C_K, norm_C_K):
             logp_C_K = F.log_softmax(logits_of(student, h_C_H), dim=-1).gather(-1, ids_C_K)
             return -(norm_C_K * logp_C_K).sum(-1), {}
@@ -135,6 +138,6 @@ def lookahead(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScore
             "lookahead/sampled_in_candidates": _mean_where(in_candidates_B_T.float(), n_trigger),
             "lookahead/sampled_norm_reward": _mean_where((norm_B_T_K * is_sampled_B_T_K).sum(-1), n_in),
             "lookahead/bonus_share": bonus_size / (opd_size + bonus_size).clamp(min=1e-12),
-            **mean_stats(student_support_stats(student, loss_mask_B_T, teacher, y_B_T[loss_mask_B_T], cfg.top_k)),
+            **mean_stats(student_support_stats(student, loss_mask_B_T, teacher, y_B_T[loss_mask_B_T], cfg.support_k)),
         }
     return ObjectiveOutput(loss=loss_sum / n_tokens, metrics=to_floats(metrics))

@@ -1,4 +1,4 @@
-"""Teacher top-K local support matching (LSM), METHODS.md section 1.
+"""Teacher top-K local support matching (LSM), docs/methods.md#local-support-matching-lsm.
 
 A support S(c_t) of at most K + 1 tokens per position; both distributions are renormalised on S (a softmax over
 the in-support logits / log-probs):
@@ -10,7 +10,7 @@ and the per-token loss is the truncated reverse KL, student first,
     KL(pi_hat_theta || q_hat) = sum_{v in S} pi_hat_theta(v) (log pi_hat_theta(v) - log q_hat(v)),
 
 summed over loss tokens and divided by the number of loss tokens in the batch. Tokens outside S get no gradient.
-`objective.support` picks S (K = `objective.top_k`, default 32):
+`objective.lsm.support` picks S (K = `objective.support_k`, default 32):
 
     teacher_topk          S = TopK(pi_T)                       (default; the teacher returns only its top-K)
     teacher_topk_sampled  S = TopK(pi_T) ∪ {y_t}                 (pi_T(y_t) is the scored sampled-token log-prob)
@@ -38,9 +38,9 @@ from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherReque
 
 def lsm_teacher_request(cfg: ObjectiveConfig) -> TeacherRequest:
     """The teacher's top-K log-probs, or its hidden states when S is the student's top-K."""
-    if cfg.support == "student_topk":
+    if cfg.lsm.support == "student_topk":
         return TeacherRequest(hidden=True)
-    return TeacherRequest(top_k=cfg.top_k)
+    return TeacherRequest(top_k=cfg.support_k)
 
 
 def renormalised_kl(student_logits_N_S: torch.Tensor, teacher_logp_N_S: torch.Tensor,
@@ -64,10 +64,10 @@ def _with_sampled(ids_C_K: torch.Tensor, y_C: torch.Tensor):
 
 
 def lsm(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg: ObjectiveConfig) -> ObjectiveOutput:
-    """LSM: KL(pi_theta || pi_T) (student first), both renormalised on a top-K support S (objective.support)."""
+    """LSM: KL(pi_theta || pi_T) (student first), both renormalised on a top-K support S (objective.lsm.support)."""
     mask_B_T = rollouts.loss_mask_B_T.bool()
     n_tokens = mask_B_T.sum().clamp(min=1)
-    K, support = cfg.top_k, cfg.support
+    K, support = cfg.support_k, cfg.lsm.support
     hidden_N_H = student.hidden_B_T_H[mask_B_T]
     sampled_N = rollouts.completion_ids_B_T[mask_B_T]
     if support == "student_topk":
@@ -77,7 +77,7 @@ def lsm(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores, cfg
         teacher_in = (None, None, None, teacher.hidden_B_T_H.to(hidden_N_H.device)[mask_B_T])
     else:
         if teacher.topk_ids_B_T_K.shape[-1] < K:
-            raise ValueError(f"lsm needs the teacher's top-{K} (objective.top_k) but the scores hold "
+            raise ValueError(f"lsm needs the teacher's top-{K} (objective.support_k) but the scores hold "
                              f"{teacher.topk_ids_B_T_K.shape[-1]}: score(..., top_k={K})")
         teacher_in = (teacher.topk_ids_B_T_K[mask_B_T][:, :K], teacher.topk_logp_B_T_K[mask_B_T][:, :K],
                       teacher.logp_B_T[mask_B_T], None)

@@ -1,4 +1,4 @@
-"""Sampled-token on-policy distillation (METHODS.md section 0).
+"""Sampled-token on-policy distillation (docs/methods.md#sampled-token-opd).
 
 Per completion token, rkl_t = log pi_old(y_t) - log pi_T(y_t) and the advantage is A_t = -kappa * rkl_t, or with
 a discount gamma > 0 the discounted sum of future per-token terms A_t = -kappa * sum_{t'>=t} gamma^(t'-t) rkl_t'.
@@ -55,6 +55,6 @@ def sampled_token_opd(rollouts: Rollouts, student: StudentOutputs, teacher: Teac
             "train/advantage": (advantage_B_T.sum() / n_tokens),
             "train/ratio": (ratio_B_T.sum() / n_tokens),
             **mean_stats(student_support_stats(student, loss_mask_B_T, teacher,
-                                               rollouts.completion_ids_B_T[loss_mask_B_T], cfg.top_k)),
+                                               rollouts.completion_ids_B_T[loss_mask_B_T], cfg.support_k)),
         }
     return ObjectiveOutput(loss=loss, metrics=to_floats(metrics))

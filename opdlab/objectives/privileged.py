@@ -1,6 +1,7 @@
-"""Privileged on-policy distillation and its Anchored Residual target (AR-OPD), METHODS.md section 3.
+"""Privileged on-policy distillation and its Anchored Residual target (AR-OPD),
+docs/methods.md#privileged-opd-and-anchored-residual-guidance-ar-opd.
 
-The teacher scores each rollout twice, in one forward (`opdlab.privileged.score_views`): under the full view of the
+The teacher scores each rollout twice, in one forward (`opdlab.teacher.views.score_views`): under the full view of the
 oracle trace, q_F = pi_T(. | x + full trace, y_<t), and under the partial view, q_P = pi_T(. | x + partial trace,
 y_<t). The objectives differ only in the target distribution q they pull the student towards:
 
@@ -8,17 +9,17 @@ y_<t). The objectives differ only in the target distribution q they pull the stu
     privileged_partial   q = q_P
     anchored_residual    log q_AR = log_softmax(log q_P + lambda * clip(log q_F - log q_P, -c, c))
 
-(lambda = `objective.ar_lambda`, default 0.8; c = `objective.ar_clip`, default 5). The per-token loss is a divergence
-between q and pi_theta over the whole vocabulary, `objective.target_divergence`:
+(lambda = `objective.anchored_residual.lambda`, default 0.8; c = `objective.anchored_residual.clip`, default 5). The
+per-token loss is a divergence between q and pi_theta over the whole vocabulary, `objective.privileged.divergence`:
 
     kl_target_student   KL(q || pi_theta) = sum_v q(v) (log q(v) - log pi_theta(v))       (default)
     kl_student_target   KL(pi_theta || q) = sum_v pi_theta(v) (log pi_theta(v) - log q(v))
-    jsd                 JSD_beta(q, pi_theta), beta = `objective.beta` (q in the teacher's place)
+    jsd                 JSD_beta(q, pi_theta), beta = `objective.divergence.beta` (q in the teacher's place)
 
-With `objective.target_top_k` = K > 0 the divergence is taken on S = TopK(q) only, both distributions renormalised
+With `objective.privileged.top_k` = K > 0 the divergence is taken on S = TopK(q) only, both distributions renormalised
 on S (a softmax over the in-support log-probs; tokens outside S get no gradient), as in lsm. The first
-`objective.skip_first` completion tokens (default 3) are left out; the loss is the sum over the remaining loss
-tokens divided by their number. q is a constant (the teacher has no gradient).
+`objective.privileged.skip_first` completion tokens (default 3) are left out; the loss is the sum over the remaining
+loss tokens divided by their number. q is a constant (the teacher has no gradient).
 
 Memory: as the full-vocabulary divergences, the logits of the student and of both teacher views are made
 `student.chunk_size` positions at a time and each chunk's gradient is taken before the next
@@ -70,7 +71,8 @@ def target_logp(kind: str, full_logp_N_V: torch.Tensor, partial_logp_N_V: torch.
         return full_logp_N_V
     if kind == "partial":
         return partial_logp_N_V
-    return anchored_residual_logp(full_logp_N_V, partial_logp_N_V, cfg.ar_lambda, cfg.ar_clip)
+    return anchored_residual_logp(full_logp_N_V, partial_logp_N_V, cfg.anchored_residual.lam,
+                                  cfg.anchored_residual.clip)
 
 
 def _kl(a_logp_N_V: torch.Tensor, b_logp_N_V: torch.Tensor) -> torch.Tensor:
@@ -110,9 +112,9 @@ def privileged_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
     partial = teacher.partial
     if teacher.hidden_B_T_H is None or partial is None or partial.hidden_B_T_H is None:
         raise ValueError("privileged objectives need the teacher's full and partial views with hidden states: "
-                         "score with opdlab.privileged.score_views(..., ['full', 'partial'], keep_hidden=True) "
+                         "score with opdlab.teacher.views.score_views(..., ['full', 'partial'], keep_hidden=True) "
                          "(the objective table's teacher_request asks the training loop for it)")
-    mask_B_T = loss_positions(rollouts, cfg.skip_first)
+    mask_B_T = loss_positions(rollouts, cfg.privileged.skip_first)
     n_tokens = mask_B_T.sum().clamp(min=1)
     device = student.hidden_B_T_H.device
     hidden_N_H = student.hidden_B_T_H[mask_B_T]
@@ -120,8 +122,8 @@ def privileged_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
     partial_h_N_H = partial.hidden_B_T_H.to(device)[mask_B_T]
     quarter_B_T, long_B = position_quarters(rollouts)
     quarter_N = torch.where(long_B[:, None], quarter_B_T, -1)[mask_B_T]  # -1: not a long rollout
-    beta = _BETA.get(cfg.target_divergence, cfg.beta)
-    K = cfg.target_top_k
+    beta = _BETA.get(cfg.privileged.divergence, cfg.divergence.beta)
+    K = cfg.privileged.top_k
 
     def chunk(h_C_H, full_h_C_H, partial_h_C_H):
         z_C_V = logits_of(student, h_C_H)

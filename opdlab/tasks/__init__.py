@@ -1,41 +1,37 @@
 """Tasks: sources of problems and their verifiers, and `make_task` to build one from a `TaskConfig`.
 
-Heavy dependencies (datasets, math-verify, reasoning-gym) and the code task's sandbox are imported only when a task
-needs them.
+Heavy dependencies (datasets, math-verify, reasoning-gym) are imported only when a task needs them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from opdlab.config import TaskConfig
 from opdlab.tasks.arithmetic import ArithmeticTask
 from opdlab.tasks.base import ANSWER_INSTRUCTION, Task, extract_answer
+from opdlab.tasks.code import CodeTask
 from opdlab.tasks.files import FileTask
 from opdlab.tasks.gym import GymTask
+from opdlab.tasks.sandbox.run import Limits
 from opdlab.types import Problem
 
-if TYPE_CHECKING:
-    from opdlab.config import TaskConfig
-
-__all__ = ["ANSWER_INSTRUCTION", "ArithmeticTask", "FileTask", "GymTask", "Problem", "Task", "extract_answer",
-           "make_task"]
+__all__ = ["ANSWER_INSTRUCTION", "ArithmeticTask", "CodeTask", "FileTask", "GymTask", "Problem", "Task",
+           "extract_answer", "make_task"]
 
 
 def make_task(cfg: TaskConfig) -> Task:
     """The task `cfg.name` selects, built from the config's fields."""
     if cfg.name == "arithmetic":
-        return ArithmeticTask(cfg.min_steps, cfg.max_steps, seed=cfg.seed, test_size=cfg.test_size,
-                              max_value=cfg.max_value, shortcut_frac=cfg.shortcut_frac)
+        a = cfg.arithmetic
+        return ArithmeticTask(a.min_steps, a.max_steps, seed=cfg.seed, test_size=cfg.test_size,
+                              max_value=a.max_value, shortcut_frac=a.shortcut_frac)
     if cfg.name == "file":
-        return FileTask(cfg.train_path, cfg.test_path, question_field=cfg.question_field,
-                        answer_field=cfg.answer_field, solution_field=cfg.solution_field, seed=cfg.seed,
-                        test_size=cfg.test_size)
+        f = cfg.file
+        return FileTask(f.train_path, f.test_path, question_field=f.question_field, answer_field=f.answer_field,
+                        solution_field=f.solution_field, seed=cfg.seed, test_size=cfg.test_size)
     if cfg.name == "reasoning_gym":
-        return GymTask(cfg.gym_name, train_size=cfg.gym_train_size, test_size=cfg.test_size, seed=cfg.seed,
-                       threshold=cfg.gym_threshold)
+        g = cfg.gym
+        return GymTask(g.name, train_size=g.train_size, test_size=cfg.test_size, seed=cfg.seed,
+                       threshold=g.threshold)
     if cfg.name == "code":
-        from opdlab.sandbox import Limits
-        from opdlab.tasks.code import CodeTask
-
         c = cfg.code
         limits = Limits(wall_s=c.timeout_s, cpu_s=c.cpu_s, memory_mb=c.memory_mb, processes=c.processes,
                         output_bytes=c.output_kb << 10)

@@ -25,6 +25,7 @@ import random
 from collections.abc import Sequence
 
 from opdlab.tasks.base import Task, check_split, extract_answer
+from opdlab.tasks.hindsight import rollout_diagnostics
 from opdlab.types import Problem
 
 
@@ -120,6 +121,10 @@ class ArithmeticTask(Task):
         if self.shortcut_frac and random.Random(f"shortcut/{problem.uid}").random() < self.shortcut_frac:
             return f"Answer: {problem.question.split()[1]}"
         return super().target(problem)
+
+    def rollout_diagnostics(self, problems: Sequence[Problem], responses: Sequence[str]) -> dict[str, float]:
+        """Shortcut events against the oracle trace and step errors of the chain format (`opdlab.tasks.hindsight`)."""
+        return rollout_diagnostics(list(problems), list(responses))
 
     def verify(self, problem: Problem, response: str) -> float:
         got = extract_answer(response)

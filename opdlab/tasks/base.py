@@ -1,13 +1,15 @@
 """The Task interface: problems, a verifier, and the text a model is trained to write.
 
 A task is a source of `Problem`s split into `train` and `test`, plus `verify(problem, response) -> reward in [0, 1]`.
-Prompt formatting (chat templates) is the model's business and lives in `opdlab.prompts`, not here.
+Prompt formatting (chat templates) is the model's business and lives in `opdlab.models.prompts`, not here.
 """
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+
+import numpy as np
 
 from opdlab.types import Problem
 
@@ -38,6 +40,12 @@ class Task(ABC):
         """Rewards of a batch, in order. Tasks whose verifier is slow (running programs) grade in parallel."""
         return [self.verify(p, r) for p, r in zip(problems, responses, strict=True)]
 
+    def rollout_diagnostics(self, problems: Sequence[Problem], responses: Sequence[str]) -> dict[str, float]:
+        """Behaviour metrics of a batch of responses that only make sense for this task (e.g. shortcut events
+        against its oracle traces, `opdlab.tasks.hindsight`), logged every training step and by `opdlab eval`.
+        A task declares them by overriding this; by default there are none."""
+        return {}
+
     def target(self, problem: Problem) -> str:
         """The response a warm-start (SFT) step trains on: the worked solution, else just the answer line."""
         if problem.solution:
@@ -61,8 +69,6 @@ class ProblemStream:
         self._epoch, self._order = -1, None
 
     def _order_for(self, epoch: int):
-        import numpy as np
-
         if epoch != self._epoch:
             self._epoch = epoch
             self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.problems))

