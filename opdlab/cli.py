@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Literal
 
 from accelerate import PartialState
 from pydantic import Field
@@ -31,16 +32,16 @@ from opdlab.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, Task
                            load_config)
 from opdlab.diagnostics.alignment import run as alignment_diagnostic
 from opdlab.diagnostics.fidelity import measure as fidelity_diagnostic
-from opdlab.evaluate import evaluate
+from opdlab.evaluate import evaluate_model
 from opdlab.experiments.compare import main as compare_main
 from opdlab.experiments.demo import prepare_builtin, run_demo
 from opdlab.experiments.privileged_compare import main as privileged_main
 from opdlab.experiments.toy.estimators import main as estimators_main
-from opdlab.models.loading import ModelLoadError, load_model
+from opdlab.models.loading import ModelLoadError
 from opdlab.objectives import OBJECTIVES
 from opdlab.report import plot_training_curves, redraw_run
 from opdlab.run import load_run_config
-from opdlab.runtime import resolve_device
+from opdlab.runtime import resolve_device, resolve_precision
 from opdlab.sft import SFTConfig, run_sft
 from opdlab.tasks import make_task
 from opdlab.teacher.remote import RemoteTeacherError
@@ -54,6 +55,9 @@ class EvalRunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model evaluated.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="The task (its test split is used).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Sampling and metrics.")
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field("auto", description=(
+        "As train.precision: 'bf16-mixed' samples under bf16 autocast (with bf16 weights when model.dtype is "
+        "'auto'); 'auto' picks it where bf16 is fast."))
     seed: int = Field(0, description="Sampling seed.")
     output: str | None = Field(None, description="Write the result as JSON here (default: print only).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
@@ -210,8 +214,10 @@ def _eval(args, console) -> None:
     if args.model:
         items.append(f"model.path={args.model}")
     cfg = _config_and_overrides(config, items, EvalRunConfig)
-    model, tokenizer = load_model(cfg.model, resolve_device(cfg.device))
-    result = evaluate(model, tokenizer, make_task(cfg.task), cfg.eval, seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    result = evaluate_model(cfg.model, make_task(cfg.task), cfg.eval, device=device, precision=precision,
+                            seed=cfg.seed)
     console.print(result.table(title=f"{cfg.model.path} on {cfg.task.name}"))
     if cfg.output:
         console.print(f"wrote {result.save(cfg.output)}")

@@ -22,8 +22,27 @@ class ModelConfig(_Section):
     path: str = Field("builtin:student", description=(
         "Local directory or hub id of a Hugging Face causal LM; 'builtin:teacher' / 'builtin:student' are the "
         "built-in tiny models (made by `opdlab demo` or `opdlab prepare`)."))
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "Weights dtype in memory. 'auto': float32 for weights that are trained (the master copy that mixed "
+        "precision needs), and for a frozen model (a teacher, a model under evaluation) bfloat16 under "
+        "bf16-mixed precision, float32 otherwise. A 16-bit dtype for a fully trained student is refused: AdamW "
+        "steps on bf16 weights round most small updates away."))
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
+
+
+class LoRAConfig(_Section):
+    """Low-rank adapters on the student (through `peft`): only the adapters are trained and checkpointed."""
+
+    r: int = Field(0, ge=0, description="Adapter rank; 0 = no LoRA, the whole student is trained.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the adapters' output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (training forwards only).")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
+        "Module names that get adapters (e.g. [q_proj, v_proj]); 'all-linear': every linear layer but the output "
+        "layer."))
+
+
+class StudentConfig(ModelConfig):
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="Low-rank adapters (student.lora.r > 0).")
 
 
 class CodeTaskConfig(_Section):
@@ -267,6 +286,14 @@ class TrainConfig(_Section):
     fidelity_every: int = Field(0, ge=0, description=(
         "Measure the teacher's fidelity decay (see the `fidelity` section) every N steps and log fidelity/* "
         "metrics (0 = never)."))
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field("auto", description=(
+        "'bf16-mixed': fp32 master weights and optimizer state, every forward (sampling, the teacher, the "
+        "student's loss forward, evaluation) under bf16 autocast, log-softmax in fp32; 'fp32': no autocast; "
+        "'auto': bf16-mixed where bf16 is fast (CUDA with bf16, a CPU with AMX / AVX512-BF16), else fp32. A run's "
+        "config.yaml records what it resolved to."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute the student's layer activations in the backward pass instead of keeping them (less memory, "
+        "about one more forward of time); sampling still uses the KV cache."))
 
 
 class EvalConfig(_Section):
@@ -298,9 +325,11 @@ class PrivilegedConfig(_Section):
     template: str = Field(DEFAULT_PRIVILEGED_TEMPLATE, description=(
         "The teacher's user message in the full and partial views, with {question} and {trace}; it is rendered "
         "with the model's chat template like any prompt."))
-    teacher: Literal["external", "frozen_student", "ema_student"] = Field("external", description=(
+    teacher: Literal["external", "frozen_student", "ema_student", "lora_base"] = Field("external", description=(
         "'external': the model at teacher.path; 'frozen_student': a copy of the initial student; 'ema_student': "
-        "a copy of the student updated after every step as T <- ema_rate * theta + (1 - ema_rate) * T."))
+        "a copy of the student updated after every step as T <- ema_rate * theta + (1 - ema_rate) * T; "
+        "'lora_base': a LoRA student's own base model with its adapters disabled, which is the initial student "
+        "without a second copy in memory."))
     ema_rate: float = Field(0.01, gt=0, le=1, description="ema_student: the update rate.")
 
     @field_validator("template")
@@ -374,7 +403,7 @@ class RemoteTeacherConfig(_Section):
 class RunConfig(_Section):
     """A training run."""
 
-    student: ModelConfig = Field(default_factory=ModelConfig, description="The model being trained.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="The model being trained.")
     teacher: ModelConfig = Field(default_factory=lambda: ModelConfig(path="builtin:teacher"),
                                  description="The frozen model that scores rollouts.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Where problems come from.")
@@ -393,6 +422,19 @@ class RunConfig(_Section):
     device: str = Field("auto", description=(
         "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ... Under `accelerate launch` with "
         "several processes each process uses the device accelerate assigns it."))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.student.dtype in ("bfloat16", "float16") and not self.student.lora.r:
+            raise ValueError(
+                f"student.dtype={self.student.dtype} would train {self.student.dtype} weights directly: AdamW's "
+                f"small updates round away (at lr 1e-6, 2% of a bf16 layer's weights move in 10 steps, against "
+                f"99.99% in fp32). Set student.dtype=auto (fp32 master weights) with train.precision=bf16-mixed "
+                f"(or auto) for bf16 speed, or train adapters on a 16-bit base with student.lora.r > 0")
+        if self.privileged.teacher == "lora_base" and not self.student.lora.r:
+            raise ValueError("privileged.teacher=lora_base is the student's base model with its adapters "
+                             "disabled: it needs a LoRA student (student.lora.r > 0)")
+        return self
 
 
 class ConfigError(ValueError):

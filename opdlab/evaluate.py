@@ -6,7 +6,8 @@ per-problem records. Sampling uses one `torch.Generator` seeded with `seed`, so 
 seed give the same result (on the same device and with the same `batch_size`: the batch layout decides which random
 numbers each sequence draws).
 
-    from opdlab.config import EvalConfig
+    from opdlab.config import EvalConfig, ModelConfig
+from opdlab.models.loading import load_model
     from opdlab.evaluate import comparison_table, evaluate
     result = evaluate(model, tokenizer, task, EvalConfig(num_problems=50, k=4))
     rich.print(result.table())
@@ -41,9 +42,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from opdlab.config import EvalConfig
+from opdlab.config import EvalConfig, ModelConfig
+from opdlab.models.loading import load_model
 from opdlab.models.prompts import stop_token_ids
 from opdlab.rollout.builtin import sample
+from opdlab.runtime import autocast
 from opdlab.tasks.base import Task
 from opdlab.types import Problem, Rollouts
 
@@ -330,6 +333,15 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
         buckets=buckets, records=records, wall_s=time.perf_counter() - start,
         extra=task_extra(task, [p for _, p in flat], all_texts),
     )
+
+
+def evaluate_model(model_cfg: ModelConfig, task: Task, cfg: EvalConfig, *, device: torch.device,
+                   precision: str = "fp32", seed: int = 0, progress: bool = True) -> EvalResult:
+    """Load `model_cfg` for inference (bf16 weights under bf16-mixed when its dtype is 'auto') and `evaluate` it
+    under `precision`'s autocast."""
+    model, tokenizer = load_model(model_cfg, device, precision=precision)
+    with autocast(precision, device):
+        return evaluate(model, tokenizer, task, cfg, seed=seed, progress=progress)
 
 
 # the task's own behaviour metrics (`Task.rollout_diagnostics`) under the names an eval record has used

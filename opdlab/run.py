@@ -12,6 +12,7 @@ divides `rollout.prompts_per_step` resumes (`opdlab.distributed`).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from opdlab.models.prompts import stop_token_ids
 from opdlab.objectives import Objective, get_objective
 from opdlab.rollout.masking import masked_token_ids
 from opdlab.rollout.samplers import Sampler, make_sampler
-from opdlab.runtime import make_scheduler, resolve_device, seed_everything
+from opdlab.runtime import autocast, make_scheduler, resolve_device, seed_everything
 from opdlab.tasks import Task, make_task
 from opdlab.tasks.base import ProblemStream
 from opdlab.teacher.remote import connect_teacher
@@ -81,6 +82,10 @@ class Run:
     start_step: int = 0
     bad_steps: int = 0
 
+    def autocast(self):
+        """The context of every forward pass: bf16 autocast under bf16-mixed precision (`opdlab.runtime`)."""
+        return autocast(self.cfg.train.precision, self.device)
+
     def student_forward(self, rollouts: Rollouts) -> StudentOutputs:
         """The student's differentiable log-probs of `rollouts`, through the prepared wrapper."""
         return student_forward(PreparedStudent(self.student, self.prepared), rollouts, self.vocab_size,
@@ -101,9 +106,9 @@ def _load_teacher(cfg: RunConfig, student, tokenizer, device):
     if cfg.remote_teacher.url:  # served over HTTP (opdlab serve-teacher, vLLM): never loaded here
         return connect_teacher(cfg), None, tokenizer
     if cfg.privileged.teacher == "external":
-        teacher, teacher_tokenizer = load_model(cfg.teacher, device)
+        teacher, teacher_tokenizer = load_model(cfg.teacher, device, precision=cfg.train.precision)
         return teacher, None, teacher_tokenizer
-    teacher, ema_teacher = make_teacher(cfg.privileged, student)
+    teacher, ema_teacher = make_teacher(cfg.privileged, student, cfg.train.precision)
     return teacher, ema_teacher, tokenizer
 
 
@@ -122,7 +127,12 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
     seed_everything(cfg.train.seed)
 
-    student, tokenizer = load_model(cfg.student, device, trainable=True)
+    precision = cfg.train.precision  # resolved by `opdlab.train.resolve_defaults`
+    if main:
+        print(f"precision: {precision}; student on {device}", file=sys.stderr, flush=True)
+    student, tokenizer = load_model(cfg.student, device, trainable=True, precision=precision)
+    if cfg.train.gradient_checkpointing:  # sampling runs in eval mode, where transformers keeps the KV cache
+        student.activation_checkpointing_enable()
     teacher, ema_teacher, teacher_tokenizer = _load_teacher(cfg, student, tokenizer, device)
     pairing = check_compatible(student, tokenizer, student if cfg.remote_teacher.url else teacher, teacher_tokenizer)
     task = make_task(cfg.task)

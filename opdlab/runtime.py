@@ -37,3 +37,32 @@ def make_scheduler(optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether this device multiplies bf16 matrices markedly faster than fp32: a CUDA GPU with bf16 support, or a
+    CPU with AMX or AVX512-BF16 (where a 2048² bf16 matmul measured about 5x the fp32 rate on 2 threads)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'auto' -> 'bf16-mixed' where bf16 is fast on `device`, else 'fp32'; the others as they are."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; allowed: {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16-mixed" if bf16_is_fast(device) else "fp32"
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward passes' context: bf16 autocast under 'bf16-mixed' (weights stay as stored: fp32 master weights
+    for a trained model), nothing under 'fp32'. Losses make their log-softmax in fp32 either way
+    (`opdlab.models.logprobs.chunk_logits`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")

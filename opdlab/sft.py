@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from opdlab.config import ModelConfig, TaskConfig, _Section, save_config
 from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
 from opdlab.models.prompts import render_prompt
-from opdlab.runtime import make_scheduler, resolve_device, seed_everything
+from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything
 from opdlab.tasks import make_task
 from opdlab.tasks.base import ProblemStream
 
@@ -46,6 +46,9 @@ class SFTConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed of initialisation and data order.")
     output_dir: str = Field("runs/sft", description="Where the fine-tuned model is saved (save_pretrained).")
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field("auto", description=(
+        "As train.precision: 'bf16-mixed' runs the forward under bf16 autocast with fp32 master weights; "
+        "'auto' picks it where bf16 is fast."))
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
 
 
@@ -67,9 +70,11 @@ def sft_batch(tokenizer, task, problems, device, questions: list[str] | None = N
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def sft_step(model, optimizer, scheduler, ids, mask, labels) -> torch.Tensor:
-    """One optimizer step on a batch from `sft_batch` (gradient norm clipped to 1); returns the loss."""
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+def sft_step(model, optimizer, scheduler, ids, mask, labels, precision: str = "fp32") -> torch.Tensor:
+    """One optimizer step on a batch from `sft_batch` (gradient norm clipped to 1); returns the loss. The forward
+    runs under `precision`'s autocast, the backward outside it."""
+    with autocast(precision, ids.device):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -80,12 +85,13 @@ def sft_step(model, optimizer, scheduler, ids, mask, labels) -> torch.Tensor:
 
 def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
     if cfg.init is not None:
         tokenizer = build_char_tokenizer()
         model = init_builtin_model(cfg.init, tokenizer, seed=cfg.seed).to(device)
     else:
-        model, tokenizer = load_model(cfg.model, device, trainable=True)
+        model, tokenizer = load_model(cfg.model, device, trainable=True, precision=precision)
     model.train()
     task = make_task(cfg.task)
     stream = ProblemStream(task.problems("train"), seed=cfg.seed)
@@ -97,7 +103,8 @@ def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
     bar = tqdm(range(cfg.steps), desc=f"sft {cfg.init or cfg.model.path}", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
-        loss = sft_step(model, optimizer, scheduler, *sft_batch(tokenizer, task, stream.take(cfg.batch_size), device))
+        batch = sft_batch(tokenizer, task, stream.take(cfg.batch_size), device)
+        loss = sft_step(model, optimizer, scheduler, *batch, precision=precision)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.append({"step": step + 1, "sft/loss": loss.item(), "time_s": time.perf_counter() - t0})
@@ -106,7 +113,7 @@ def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / "sft_config.yaml")
+    save_config(cfg.model_copy(update={"precision": precision}), tmp / "sft_config.yaml")
     (tmp / "sft_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -41,7 +41,8 @@ def sample_rollouts(run: Run, step: int) -> tuple[list[Problem], Rollouts, bool]
     problems = [p for p in prompts for _ in range(n)]
     on_policy = cfg.objective.gkd_lambda >= 1 or \
         torch.rand(1, generator=run.generator, device=run.device).item() < cfg.objective.gkd_lambda
-    with full_params(run.prepared):  # FSDP: the student's parameters gathered around sampling (no-op otherwise)
+    # FSDP: the student's parameters gathered around sampling (a no-op otherwise)
+    with full_params(run.prepared), run.autocast():
         if on_policy:
             rollouts = run.sampler.sample(problems, row_seeds(cfg.train.seed, step, first * n, len(problems)))
         else:
@@ -62,7 +63,7 @@ def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
                   keep_hidden=request.hidden, lookahead=request.lookahead,
                   student=run.student if request.lookahead is not None else None)
     views = ("full", "partial") if request.both_views else (cfg.privileged.view,)
-    with full_params(run.prepared, enabled=request.lookahead is not None):
+    with full_params(run.prepared, enabled=request.lookahead is not None), run.autocast():
         if views == ("none",):
             return score(run.teacher, rollouts, run.vocab_size, **kwargs)
         return score_views(run.teacher, run.tokenizer, rollouts, views, cfg.privileged, run.vocab_size, **kwargs)
@@ -116,8 +117,9 @@ def accumulate_gradients(run: Run, rollouts: Rollouts, scores: TeacherScores) ->
     for mb in micro_batches(len(rollouts.problems), cfg.train.micro_batch_size):
         r_mb = rollouts.select(mb)
         weight = r_mb.num_loss_tokens / total_tokens
-        s_mb = run.student_forward(r_mb)
-        out = run.objective(r_mb, s_mb, scores.select(mb), cfg.objective)
+        with run.autocast():  # the backward runs outside autocast, as torch recommends
+            s_mb = run.student_forward(r_mb)
+            out = run.objective(r_mb, s_mb, scores.select(mb), cfg.objective)
         # DDP averages gradients over processes: scaled by the process count, the loss is a sum over all tokens
         (out.loss * (weight * loss_scale(run.accelerator))).backward()
         entropy = (s_mb.entropy_B_T * r_mb.loss_mask_B_T).sum().item() / total_tokens
@@ -186,7 +188,7 @@ def evaluate_and_probe(run: Run, step: int) -> dict[str, float]:
     cfg, out = run.cfg, {}
     evaluating = bool(cfg.train.eval_every) and (step + 1) % cfg.train.eval_every == 0
     probing = bool(cfg.train.fidelity_every) and (step + 1) % cfg.train.fidelity_every == 0
-    with full_params(run.prepared, enabled=evaluating or probing):
+    with full_params(run.prepared, enabled=evaluating or probing), run.autocast():
         if run.main and evaluating:
             result = evaluate(run.student, run.tokenizer, run.task, cfg.eval, seed=cfg.train.seed,
                               vocab_size=run.vocab_size, progress=False)

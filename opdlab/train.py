@@ -24,6 +24,7 @@ from opdlab.checkpoint import full_state
 from opdlab.config import RunConfig
 from opdlab.objectives import get_objective
 from opdlab.run import TrainingError, build_run
+from opdlab.runtime import resolve_device, resolve_precision
 from opdlab.step import (accumulate_gradients, apply_update, batch_counts, evaluate_and_probe, sample_rollouts,
                          score_rollouts, step_metrics)
 
@@ -31,12 +32,17 @@ __all__ = ["TrainingError", "resolve_defaults", "train"]
 
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
-    """A copy of `cfg` with the objective-dependent defaults filled in (rollout.top_p = None -> the objective's
-    default top-p), as the run directory records it."""
-    if cfg.rollout.top_p is not None:
+    """`cfg` with the defaults that depend on the objective or the machine filled in, as the run directory records
+    them: rollout.top_p = None -> the objective's default top-p; train.precision = auto -> what this device runs
+    fast (`opdlab.runtime.resolve_precision`). A copy when anything changes."""
+    objective = get_objective(cfg.objective.name)
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.device))
+    if cfg.rollout.top_p is not None and precision == cfg.train.precision:
         return cfg
     cfg = cfg.model_copy(deep=True)
-    cfg.rollout.top_p = get_objective(cfg.objective.name).default_top_p
+    if cfg.rollout.top_p is None:
+        cfg.rollout.top_p = objective.default_top_p
+    cfg.train.precision = precision
     return cfg
 
 

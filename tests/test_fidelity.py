@@ -310,7 +310,7 @@ def test_training_logs_fidelity_metrics_of_the_current_student(model_dirs, tmp_p
         "rollout.max_new_tokens=8", "train.steps=4", "train.save_every=2", "train.keep_checkpoints=2",
         "train.sample_every=100", "train.lr=3e-3", "train.fidelity_every=2", "fidelity.num_prompts=3",
         "fidelity.max_new_tokens=10", "fidelity.bin_size=2", "fidelity.min_bin_tokens=2",
-        "fidelity.continuations=2", "fidelity.num_cuts=2", f"run_dir={run}"])
+        "fidelity.continuations=2", "fidelity.num_cuts=2", "train.precision=fp32", f"run_dir={run}"])
     train(cfg, progress=False)
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert not any(k.startswith("fidelity/") for s in (1, 3) for k in rows[s])

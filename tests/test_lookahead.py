@@ -225,7 +225,8 @@ def run(dirs, run_dir, *extra):
         f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}", "device=cpu",
         "task.arithmetic.max_steps=2", "task.test_size=8", "rollout.prompts_per_step=3", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=12", "train.steps=2", "train.save_every=2", "train.sample_every=100",
-        "train.lr=1e-3", "scoring.chunk_size=5", "objective.support_k=4", f"run_dir={run_dir}", *extra])
+        "train.lr=1e-3", "scoring.chunk_size=5", "objective.support_k=4", "train.precision=fp32", f"run_dir={run_dir}",
+        *extra])
     train(cfg, progress=False)
     return metric_rows(run_dir)
 

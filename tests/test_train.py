@@ -37,7 +37,8 @@ def overrides(model_dirs, run_dir, *extra) -> list[str]:
             "task.arithmetic.min_steps=1", "task.arithmetic.max_steps=2", "task.test_size=8",
             "rollout.prompts_per_step=2",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "train.steps=4", "train.save_every=2",
-            "train.sample_every=100", "train.lr=1e-3", "scoring.chunk_size=5", f"run_dir={run_dir}", *extra]
+            "train.sample_every=100", "train.lr=1e-3", "scoring.chunk_size=5", "train.precision=fp32",
+            f"run_dir={run_dir}", *extra]
 
 
 def make_cfg(model_dirs, run_dir, *extra):

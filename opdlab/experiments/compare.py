@@ -26,7 +26,7 @@ from opdlab.evaluate import evaluate
 from opdlab.experiments.demo import demo_config_path, prepare_builtin
 from opdlab.models.loading import load_model
 from opdlab.run import load_run_config
-from opdlab.runtime import resolve_device
+from opdlab.runtime import autocast, resolve_device, resolve_precision
 from opdlab.tasks import make_task
 from opdlab.train import train
 
@@ -58,10 +58,12 @@ def run_compare(objectives: list[str], seeds: list[int], overrides: list[str], o
         prepare_builtin(console=console)
     eval_every = base.train.eval_every or max(1, base.train.steps // 4)
     device = resolve_device(base.device)
+    precision = resolve_precision(base.train.precision, device)
     task = make_task(base.task)
     k = base.eval.k
-    student, tok = load_model(base.student, device)
-    before_results = {s: evaluate(student, tok, task, base.eval, seed=s, progress=False) for s in seeds}
+    student, tok = load_model(base.student, device, precision=precision)
+    with autocast(precision, device):
+        before_results = {s: evaluate(student, tok, task, base.eval, seed=s, progress=False) for s in seeds}
     before = {s: r.mean_at_k for s, r in before_results.items()}
     del student
     console.print(f"student before: mean@{k} " + ", ".join(f"{v:.1%} (seed {s})" for s, v in before.items()))

@@ -88,8 +88,13 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def resolve_dtype(cfg: ModelConfig, trainable: bool, precision: str = "fp32") -> torch.dtype:
+    """The weights' dtype in memory: `cfg.dtype`, where 'auto' is float32 for trained weights (the master copy) and,
+    for a frozen model, bfloat16 under bf16-mixed precision (autocast would cast fp32 weights on every op) and
+    float32 otherwise."""
+    if cfg.dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    return torch.bfloat16 if precision == "bf16-mixed" and not trainable else torch.float32
 
 
 def load_tokenizer(path: str):
@@ -103,13 +108,14 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = False):
-    """(model, tokenizer) for a local directory, hub id or 'builtin:NAME'."""
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = False,
+               precision: str = "fp32"):
+    """(model, tokenizer) for a local directory, hub id or 'builtin:NAME', in `resolve_dtype`'s dtype."""
     path = resolve_path(cfg.path)
     tokenizer = load_tokenizer(cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation)
+            path, dtype=resolve_dtype(cfg, trainable, precision), attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_explain_load_failure(path, "model", e)) from None
     model.to(device)

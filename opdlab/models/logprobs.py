@@ -17,7 +17,8 @@ from opdlab.types import StudentOutputs
 
 def final_hidden(model, input_ids_B_L: torch.Tensor, mask_B_L: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states (after the final norm), without computing logits."""
-    out = model.get_decoder()(input_ids=input_ids_B_L, attention_mask=mask_B_L, position_ids=position_ids(mask_B_L))
+    out = model.get_decoder()(input_ids=input_ids_B_L, attention_mask=mask_B_L, position_ids=position_ids(mask_B_L),
+                              use_cache=False)
     return out.last_hidden_state
 
 

@@ -57,10 +57,13 @@ class EMATeacher:
             p.copy_(state[n])
 
 
-def make_teacher(cfg: PrivilegedConfig, student: torch.nn.Module):
-    """(teacher model, EMATeacher or None) for a self-teacher kind; the caller loads an external teacher itself."""
+def make_teacher(cfg: PrivilegedConfig, student: torch.nn.Module, precision: str = "fp32"):
+    """(teacher model, EMATeacher or None) for a self-teacher kind; the caller loads an external teacher itself.
+    Under bf16-mixed precision the frozen copy is kept in bf16 (it is never updated); the EMA copy stays in fp32,
+    where its small per-step updates are not rounded away."""
     if cfg.teacher == "frozen_student":
-        return frozen_copy(student), None
+        teacher = frozen_copy(student)
+        return (teacher.to(torch.bfloat16) if precision == "bf16-mixed" else teacher), None
     if cfg.teacher == "ema_student":
         ema = EMATeacher(student, cfg.ema_rate)
         return ema.model, ema
