@@ -26,6 +26,9 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from transformers import AutoTokenizer
+
+from opdlab.models.lora import adapter_state, is_adapted, is_adapter_dir, load_adapter_weights, load_merged
 
 # whole tensors (all-gathered from FSDP shards), on the CPU, on the main process only (empty dicts elsewhere)
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -72,8 +75,8 @@ def _plain(optimizer) -> torch.optim.Optimizer:
 def full_state(model, optimizer) -> tuple[dict, dict]:
     """(model state dict, optimizer state dict), whole and on the CPU on the main process, {} on the others.
     `model` is the plain model whose parameters the optimizer updates (sharded in place under FSDP2). Every process
-    must call it: under FSDP it all-gathers the shards."""
-    model_state = get_model_state_dict(model, options=FULL_STATE)
+    must call it: under FSDP it all-gathers the shards. A LoRA student's model state is its adapters alone."""
+    model_state = adapter_state(model) if is_adapted(model) else get_model_state_dict(model, options=FULL_STATE)
     if model_state:  # tied parameters (e.g. lm_head = embed_tokens) come back as separate gathered copies: share
         first: dict[int, str] = {}  # them again, so that `save_pretrained` leaves the tied copy out as it does
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -144,7 +147,10 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, model) -> dict:
-    """Load the model weights in place and return the trainer state."""
+    """Load the model weights (a LoRA student's adapters) in place and return the trainer state."""
+    if is_adapted(model):
+        load_adapter_weights(model, ckpt / "model")
+        return torch.load(ckpt / "trainer_state.pt", weights_only=False)
     weights = {}
     for f in sorted((ckpt / "model").glob("*.safetensors")):
         weights.update(load_file(f, device=str(next(model.parameters()).device)))
@@ -154,3 +160,22 @@ def load_checkpoint(ckpt: Path, model) -> dict:
         raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
                            f"unexpected {sorted(unexpected)[:5]}")
     return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> Path:
+    """Write checkpoint `step` of a run (default: the latest) to `out` as a plain Hugging Face model directory in
+    fp32, LoRA adapters merged into the base (`opdlab.models.lora.load_merged`), the tokenizer beside it."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt = ckpt_root / f"step-{step:06d}" if step is not None else latest_checkpoint(ckpt_root)
+    if ckpt is None or not (ckpt / "model").is_dir():
+        where = f"step {step}" if step is not None else "any checkpoint"
+        raise FileNotFoundError(f"export: {run_dir} holds no {where} (looked in {ckpt_root})")
+    model_dir, out = ckpt / "model", Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export: {out} exists and is not empty; choose another --out")
+    if is_adapter_dir(model_dir):
+        load_merged(model_dir, torch.float32).save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    else:
+        shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    return out

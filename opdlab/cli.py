@@ -7,6 +7,7 @@
     opdlab eval [CONFIG.yaml] [k=v ...]      mean@k / pass@k of a model on a task, by response length
     opdlab objectives                        the objective table
     opdlab report RUN_DIR                    redraw a run's plots from its files
+    opdlab export RUN_DIR --out DIR          a checkpoint as a plain Hugging Face model (LoRA adapters merged)
     opdlab compare [--objectives ...] [k=v]  several objectives from the same student, several seeds, one table
     opdlab compare-privileged [--seeds ...]  SFT vs privileged OPD vs AR-OPD on the built-in task (privileged teacher)
     opdlab toy estimators [--quick ...]      the gamma-interpolated estimator bias/variance toy study
@@ -22,12 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Literal
 
 from accelerate import PartialState
 from pydantic import Field
 from rich.console import Console
 
+from opdlab.checkpoint import export_checkpoint
 from opdlab.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, TaskConfig, _Section, describe,
                            load_config)
 from opdlab.diagnostics.alignment import run as alignment_diagnostic
@@ -113,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the objectives")
     r = sub.add_parser("report", help="redraw a run's plots")
     r.add_argument("run_dir")
+    x = sub.add_parser("export", help="a run's checkpoint as a plain Hugging Face model directory (LoRA merged)")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="the directory to write (must not exist or be empty)")
+    x.add_argument("--step", type=int, default=None, help="which checkpoint (default: the latest)")
     # listed for --help only: main() hands `compare` its arguments before this parser sees them
     sub.add_parser("compare", help="objectives side by side from the same student (`opdlab compare --help`)")
     sub.add_parser("compare-privileged", help="SFT, privileged OPD and AR-OPD side by side "
@@ -203,6 +210,8 @@ def _dispatch(args) -> int:
         items = list(args.args)
         config = items.pop(0) if items and "=" not in items[0] else None
         module.run_diagnostic(_config_and_overrides(config, items, module.CONFIG), console)
+    elif args.command == "export":
+        console.print(f"wrote {export_checkpoint(Path(args.run_dir), Path(args.out), args.step)}")
     elif args.command == "report":
         console.print(f"wrote {', '.join(str(p) for p in redraw_run(args.run_dir))}")
     return 0

@@ -140,7 +140,8 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     masked_ids = masked_token_ids(tokenizer, teacher_tokenizer, cfg.objective.mask_tokens, cfg.objective.auto_mask,
                                   keep=stop_token_ids(student, tokenizer))
     stream = ProblemStream(task.problems("train"), seed=cfg.task.seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+    trained = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's adapters alone
+    optimizer = torch.optim.AdamW(trained, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.train)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -158,6 +159,10 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     prepared, optimizer = accelerator.prepare(StudentDecoder(student), optimizer)
     if state is not None:  # after `prepare`, which under FSDP replaces the parameters by their shards
         load_optimizer_state(student, optimizer, state["optimizer"])
+    if cfg.student.lora.r and fsdp_units(prepared):
+        raise ValueError("a LoRA student (student.lora.r > 0) is not supported under FSDP: its checkpoints hold the "
+                         "adapters alone, which FSDP would hold in shards. Use DDP (`accelerate launch "
+                         "--multi_gpu`), where each process keeps the whole (frozen) base")
     if cfg.rollout.backend == "vllm" and fsdp_units(prepared):
         raise ValueError("rollout.backend=vllm is not supported under FSDP: the weight push after each step reads "
                          "the student's state_dict, which FSDP holds in shards. Use DDP (`accelerate launch "

@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from opdlab.config import ModelConfig
+from opdlab.models.lora import add_adapters, is_adapter_dir, load_merged
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -110,17 +111,27 @@ def load_tokenizer(path: str):
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = False,
                precision: str = "fp32"):
-    """(model, tokenizer) for a local directory, hub id or 'builtin:NAME', in `resolve_dtype`'s dtype."""
+    """(model, tokenizer) for a local directory, hub id or 'builtin:NAME', in `resolve_dtype`'s dtype. A directory of
+    LoRA adapters (a LoRA run's checkpoint) loads as its base with the adapters merged in. With `trainable` and
+    `cfg.lora.r > 0` (a `StudentConfig`) the model is the frozen base with trainable adapters (`opdlab.models.lora`)."""
     path = resolve_path(cfg.path)
     tokenizer = load_tokenizer(cfg.path)
+    lora = getattr(cfg, "lora", None)
+    adapters = trainable and lora is not None and lora.r > 0
+    dtype = resolve_dtype(cfg, trainable and not adapters, precision)  # adapters: the base is frozen
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(cfg, trainable, precision), attn_implementation=cfg.attn_implementation)
+        if is_adapter_dir(path):
+            model = load_merged(path, dtype, cfg.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                         attn_implementation=cfg.attn_implementation)
     except (OSError, ValueError) as e:
         raise ModelLoadError(_explain_load_failure(path, "model", e)) from None
     model.to(device)
+    model.requires_grad_(trainable and not adapters)
+    if adapters:
+        model = add_adapters(model, lora, path)
     model.train(trainable)
-    model.requires_grad_(trainable)
     return model, tokenizer
 
 

@@ -2,6 +2,7 @@
 (docs/methods.md#privileged-opd-and-anchored-residual-guidance-ar-opd).
 
     frozen_student  a copy of the initial student, never updated
+    lora_base       a LoRA student's own base with its adapters disabled: the initial student, no second copy
     ema_student     a copy of the student updated after every optimizer step as T <- rate * theta + (1 - rate) * T
                     (`privileged.ema_rate`, default 0.01): parameters with requires_grad False, updated in place
                     under no_grad, so it holds no gradients and no optimizer state, one extra copy of the weights
@@ -15,6 +16,7 @@ import copy
 import torch
 
 from opdlab.config import PrivilegedConfig
+from opdlab.models.lora import AdaptersDisabled, is_adapted
 
 
 def frozen_copy(student: torch.nn.Module) -> torch.nn.Module:
@@ -67,4 +69,8 @@ def make_teacher(cfg: PrivilegedConfig, student: torch.nn.Module, precision: str
     if cfg.teacher == "ema_student":
         ema = EMATeacher(student, cfg.ema_rate)
         return ema.model, ema
-    raise ValueError(f"make_teacher: {cfg.teacher!r} is not a self-teacher (frozen_student, ema_student)")
+    if cfg.teacher == "lora_base":
+        if not is_adapted(student):
+            raise ValueError("privileged.teacher=lora_base needs a LoRA student (student.lora.r > 0)")
+        return AdaptersDisabled(student), None
+    raise ValueError(f"make_teacher: {cfg.teacher!r} is not a self-teacher (frozen_student, ema_student, lora_base)")
