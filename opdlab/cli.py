@@ -37,7 +37,8 @@ from opdlab.diagnostics.alignment import run as alignment_diagnostic
 from opdlab.diagnostics.fidelity import measure as fidelity_diagnostic
 from opdlab.evaluate import evaluate_model
 from opdlab.experiments.compare import main as compare_main
-from opdlab.experiments.demo import prepare_builtin, run_demo
+from opdlab.experiments.demo import run_demo
+from opdlab.experiments.pairs import PAIRS, prepare_pair
 from opdlab.experiments.privileged_compare import main as privileged_main
 from opdlab.experiments.toy.estimators import main as estimators_main
 from opdlab.models.loading import ModelLoadError
@@ -96,10 +97,12 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description="Prepares the built-in models (cached), evaluates teacher "
                        "and student, runs OPD, evaluates the student again and prints a before/after table.")
     d.add_argument("--run-dir", default="runs/demo", help="where the run is written (default runs/demo)")
+    d.add_argument("--pair", default="builtin", choices=list(PAIRS), help="which built-in teacher/student pair")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the demo's training config")
 
     pr = sub.add_parser("prepare", help="make the built-in teacher and student (cached)")
     pr.add_argument("--force", action="store_true", help="re-train them even if cached")
+    pr.add_argument("--pair", default="builtin", choices=list(PAIRS), help="which built-in teacher/student pair")
 
     for name, cfg_model, what in (("train", RunConfig, "on-policy distillation"), ("sft", SFTConfig, "warm start")):
         t = sub.add_parser(name, help=what, formatter_class=fmt, epilog=fields_help(cfg_model))
@@ -184,9 +187,9 @@ def _guarded(run) -> int:
 def _dispatch(args) -> int:
     console = Console()
     if args.command == "demo":
-        run_demo(args.run_dir, args.overrides, console=console)
+        run_demo(args.run_dir, args.overrides, console=console, pair=args.pair)
     elif args.command == "prepare":
-        prepare_builtin(force=args.force, console=console)
+        prepare_pair(args.pair, force=args.force, console=console)
     elif args.command == "train":
         cfg = _config_and_overrides(args.config, args.overrides, RunConfig)
         run_dir = train(cfg, resume=args.resume)

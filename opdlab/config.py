@@ -76,6 +76,10 @@ class ArithmeticTaskConfig(_Section):
     min_steps: int = Field(2, ge=1, description="Fewest steps in a problem.")
     max_steps: int = Field(4, ge=1, description="Most steps in a problem (sets the reasoning length).")
     max_value: int = Field(99, ge=9, description="Every intermediate value stays in [0, max_value].")
+    style: Literal["chain", "words"] = Field("chain", description=(
+        "'chain': 'Compute 7 + 5 - 3.' solved by rewriting the expression one operation a line (the built-in "
+        "models' task); 'words': the same chain told as a story ('Sam has 7 marbles. Sam finds 5, then ...'), "
+        "solved in sentences, one event a line, ~20 tokens a step for a subword tokenizer."))
     shortcut_frac: float = Field(0.0, ge=0, le=1, description=(
         "Share of problems whose warm-start (SFT) target is a shortcut, the question's first number as the answer "
         "with no working (the built-in student's recipe uses it; never the training or test data)."))

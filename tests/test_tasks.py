@@ -376,3 +376,27 @@ def test_make_task(tmp_path):
     gym = make_task(TaskConfig(name="reasoning_gym", test_size=4, gym={"name": "chain_sum", "train_size": 30}))
     assert isinstance(gym, GymTask) and len(gym.problems("train")) == 30
     assert isinstance(gym.problems("test")[0], Problem)
+
+
+def test_words_style_tells_the_same_chain_and_checks_out():
+    """The words style: the question's events, replayed independently here with a regex, give the answer; every
+    'a +/- n = b' line of the worked solution is right; the chain style's problem with the same seed has the same
+    start, operations and answer."""
+    import re
+    words = ArithmeticTask(3, 8, seed=4, test_size=20, max_value=50, style="words")
+    chain = ArithmeticTask(3, 8, seed=4, test_size=20, max_value=50)
+    gains = "finds|buys|is given|wins|picks up"
+    for p, c in zip(words.problems("test"), chain.problems("test")):
+        start = int(re.search(r"has (\d+) ", p.question).group(1))
+        events = re.findall(rf"({gains}|loses|gives away|sells|drops|trades away) (\d+)", p.question.split(".")[1])
+        value = start
+        for verb, n in events:
+            value += int(n) if re.fullmatch(gains, verb) else -int(n)
+        assert str(value) == p.answer == c.answer and len(events) == p.meta["steps"]
+        assert c.question == "Compute " + " ".join([str(start)] + [
+            f"{'+' if re.fullmatch(gains, v) else '-'} {n}" for v, n in events]) + "."
+        for a, op, n, b in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", p.solution):
+            assert int(b) == (int(a) + int(n) if op == "+" else int(a) - int(n))
+        assert words.verify(p, p.solution) == 1.0 and words.verify(p, "Answer: -1") == 0.0
+    with pytest.raises(ValueError, match="style"):
+        ArithmeticTask(style="prose")

@@ -23,7 +23,8 @@ from rich.table import Table
 
 from opdlab.config import RunConfig
 from opdlab.evaluate import evaluate
-from opdlab.experiments.demo import demo_config_path, prepare_builtin
+from opdlab.experiments.demo import demo_config_path
+from opdlab.experiments.pairs import prepare_models_of
 from opdlab.models.loading import load_model
 from opdlab.run import load_run_config
 from opdlab.runtime import autocast, resolve_device, resolve_precision
@@ -54,8 +55,7 @@ def run_compare(objectives: list[str], seeds: list[int], overrides: list[str], o
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     base: RunConfig = load_run_config(demo_config_path(), overrides)
-    if "builtin:" in base.student.path + base.teacher.path:
-        prepare_builtin(console=console)
+    prepare_models_of(base, console=console)
     eval_every = base.train.eval_every or max(1, base.train.steps // 4)
     device = resolve_device(base.device)
     precision = resolve_precision(base.train.precision, device)

@@ -24,13 +24,20 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from opdlab.tasks.base import Task, check_split, extract_answer
+from opdlab.tasks.base import ANSWER_INSTRUCTION, Task, check_split, extract_answer
 from opdlab.tasks.hindsight import rollout_diagnostics
 from opdlab.types import Problem
 
 
+# The words style: a story about one person and one kind of thing, one line of working per event.
+NAMES = ("Sam", "Ana", "Tom", "Mia", "Leo", "Ida", "Ben", "Zoe", "Max", "Eva", "Kai", "Noa")
+THINGS = ("marbles", "apples", "stamps", "coins", "shells", "books", "cards", "pencils", "stickers", "beads")
+GAINS = ("finds", "buys", "is given", "wins", "picks up")
+LOSSES = ("loses", "gives away", "sells", "drops", "trades away")
+
+
 def make_problem(seed: int, split: str, index: int | str, min_steps: int, max_steps: int,
-                 max_value: int = 99) -> Problem:
+                 max_value: int = 99, style: str = "chain") -> Problem:
     rng = random.Random(f"{seed}/{split}/{index}")
     steps = rng.randint(min_steps, max_steps)
     first = value = rng.randint(1, max_value)
@@ -42,11 +49,31 @@ def make_problem(seed: int, split: str, index: int | str, min_steps: int, max_st
         op, operand = rng.choice(choices)
         ops.append((op, operand))
         value = value + operand if op == "+" else value - operand
+    uid = f"arith-{split}-{str(index).split('/')[0]}"
+    if style == "words":
+        question, lines = word_problem(rng, first, ops)
+        return Problem(uid=uid, question=question, answer=str(value),
+                       solution="\n".join(lines + [f"Answer: {value}"]), meta={"steps": steps})
     lines = chain_lines(first, ops)
-    return Problem(
-        uid=f"arith-{split}-{str(index).split('/')[0]}", question=f"Compute {lines[0]}.", answer=str(value),
-        solution="\n".join(lines + [f"Answer: {value}"]), meta={"steps": steps},
-    )
+    return Problem(uid=uid, question=f"Compute {lines[0]}.", answer=str(value),
+                   solution="\n".join(lines + [f"Answer: {value}"]), meta={"steps": steps})
+
+
+def word_problem(rng: random.Random, first: int, ops: list[tuple[str, int]]) -> tuple[str, list[str]]:
+    """(question, worked-solution lines) of the chain told as a story: each event is one line of working,
+    'She buys 5 more stamps, so she has 7 + 5 = 12 stamps.'"""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    verbs = [rng.choice(GAINS if op == "+" else LOSSES) for op, _ in ops]
+    events = [f"{verb} {n}" for verb, (_, n) in zip(verbs, ops)]
+    story = ", then ".join(events)
+    question = (f"{name} has {first} {thing}. {name} {story}. How many {thing} does {name} have at the end? "
+                f"{ANSWER_INSTRUCTION}")
+    lines, value = [f"{name} starts with {first} {thing}."], first
+    for verb, (op, n) in zip(verbs, ops):
+        new = value + n if op == "+" else value - n
+        lines.append(f"{name} {verb} {n}, so {name} has {value} {op} {n} = {new} {thing}.")
+        value = new
+    return question, lines
 
 
 def chain_lines(first: int, ops: list[tuple[str, int]]) -> list[str]:
@@ -80,13 +107,16 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __init__(self, min_steps: int = 2, max_steps: int = 4, seed: int = 0, train_size: int = 100_000,
-                 test_size: int = 200, max_value: int = 99, shortcut_frac: float = 0.0):
+                 test_size: int = 200, max_value: int = 99, shortcut_frac: float = 0.0, style: str = "chain"):
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
         if max_value < 9:
             raise ValueError(f"max_value must be at least 9, got {max_value}")
         if not 0.0 <= shortcut_frac <= 1.0:
             raise ValueError(f"shortcut_frac must be in [0, 1], got {shortcut_frac}")
+        if style not in ("chain", "words"):
+            raise ValueError(f"style must be 'chain' or 'words', got {style!r}")
+        self.style = style
         self.min_steps, self.max_steps, self.seed, self.max_value = min_steps, max_steps, seed, max_value
         self.shortcut_frac = shortcut_frac
         self.sizes = {"train": train_size, "test": test_size}
@@ -99,7 +129,7 @@ class ArithmeticTask(Task):
         return _LazyProblems(self.sizes["train"], self._train_problem)
 
     def _test_problem(self, i: int) -> Problem:
-        return make_problem(self.seed, "test", i, self.min_steps, self.max_steps, self.max_value)
+        return make_problem(self.seed, "test", i, self.min_steps, self.max_steps, self.max_value, self.style)
 
     def _train_problem(self, i: int) -> Problem:
         # Short chains repeat often; redraw a training problem until it is not one of the held-out test questions.
@@ -108,7 +138,7 @@ class ArithmeticTask(Task):
         attempt = 0
         while True:
             p = make_problem(self.seed, "train", i if attempt == 0 else f"{i}/{attempt}", self.min_steps,
-                             self.max_steps, self.max_value)
+                             self.max_steps, self.max_value, self.style)
             if p.question not in self._test_questions:
                 return p
             attempt += 1
