@@ -554,6 +554,22 @@ def apply_overrides(data: dict, overrides: list[str], model: type[BaseModel]) ->
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 model: type[BaseModel] = RunConfig) -> BaseModel:
     """Read a YAML config (or start from defaults), apply `key.sub=value` overrides and validate."""
@@ -563,10 +579,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        if not text.strip() or all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()):
+            raise ConfigError(f"{path}: the file is empty; give at least one section, or '-' for the defaults")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
         source = str(path)

@@ -6,8 +6,7 @@ per-problem records. Sampling uses one `torch.Generator` seeded with `seed`, so 
 seed give the same result (on the same device and with the same `batch_size`: the batch layout decides which random
 numbers each sequence draws).
 
-    from opdlab.config import EvalConfig, ModelConfig
-from opdlab.models.loading import load_model
+    from opdlab.config import EvalConfig
     from opdlab.evaluate import comparison_table, evaluate
     result = evaluate(model, tokenizer, task, EvalConfig(num_problems=50, k=4))
     rich.print(result.table())

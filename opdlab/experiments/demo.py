@@ -36,7 +36,10 @@ def run_demo(run_dir: str, overrides: list[str] | None = None, console: Console 
              pair: str = "builtin") -> dict:
     console = console or Console()
     prepare_pair(pair, console=console)
-    cfg: RunConfig = load_run_config(demo_config_path(pair), [*(overrides or []), f"run_dir={run_dir}"])
+    overrides = list(overrides or [])
+    if not any(o.startswith("run_dir=") for o in overrides):  # an explicit run_dir=... wins over --run-dir
+        overrides.append(f"run_dir={run_dir}")
+    cfg: RunConfig = load_run_config(demo_config_path(pair), overrides)
     out = Path(cfg.run_dir)
     ckpt = latest_checkpoint(out / "checkpoints")
     resume = ckpt is not None and int(ckpt.name.split("-")[1]) < cfg.train.steps

@@ -115,6 +115,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: 
     LoRA adapters (a LoRA run's checkpoint) loads as its base with the adapters merged in. With `trainable` and
     `cfg.lora.r > 0` (a `StudentConfig`) the model is the frozen base with trainable adapters (`opdlab.models.lora`)."""
     path = resolve_path(cfg.path)
+    check_local(path)
     tokenizer = load_tokenizer(cfg.path)
     lora = getattr(cfg, "lora", None)
     adapters = trainable and lora is not None and lora.r > 0
@@ -135,13 +136,25 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: 
     return model, tokenizer
 
 
+def _looks_local(path: str) -> bool:
+    """A path that cannot be a hub id ('org/name' or 'name'): absolute, relative with ./ or ~, deeper than one
+    slash, or under a directory that exists here (runs/x, checkpoints/y)."""
+    first = path.split("/", 1)[0]
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or ("/" in path and os.path.isdir(first))
+
+
+def check_local(path: str) -> None:
+    """Fail at once, before any hub retries, for a local-looking model path that does not exist."""
+    if not os.path.exists(path) and _looks_local(path):
+        raise ModelLoadError(f"model path {path!r} does not exist (relative paths are read from {os.getcwd()})")
+
+
 def _explain_load_failure(path: str, what: str, err: Exception) -> str:
     if os.path.isdir(path):
         return f"could not load the {what} from directory {path!r}: {err}"
     if os.path.exists(path):
         return f"{path!r} is a file; expected a model directory or a hub id ({err})"
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local:
+    if _looks_local(path):
         return f"model path {path!r} does not exist"
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     return (f"could not load the {what} {path!r}: it is not a local directory, and fetching it from the Hugging "

@@ -20,7 +20,9 @@ handled in threads and scored one batch at a time (the model is not thread-safe)
 """
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import threading
 import time
 import uuid
@@ -211,6 +213,20 @@ class TeacherService:
                                             "created": int(time.time()), "root": self.name}]}
 
 
+def check_port(host: str, port: int) -> None:
+    """A ValueError saying why `host:port` cannot be listened on (in use, not an address of this machine, ...)."""
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+    try:
+        probe.bind((host, port))
+    except OSError as e:
+        hint = "; another process listens there: pick another --port (0 = any free one)" \
+            if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"serve-teacher: cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    finally:
+        probe.close()
+
+
 def make_server(service: TeacherService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server for `service` (port 0 picks a free port: `server.server_address[1]`)."""
 
@@ -266,9 +282,13 @@ def make_server(service: TeacherService, host: str = "127.0.0.1", port: int = 80
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "float32",
           device: str = "auto", name: str | None = None, max_logprobs: int = 64, chunk_size: int = 1024) -> None:
     """Load the model and serve it until interrupted (the address is printed once listening)."""
+    check_port(host, port)  # before minutes of model loading
     model, tokenizer = load_model(ModelConfig(path=model_path, dtype=dtype), resolve_device(device))
     service = TeacherService(model, tokenizer, name or model_path, max_logprobs=max_logprobs, chunk_size=chunk_size)
-    server = make_server(service, host, port)
+    try:
+        server = make_server(service, host, port)
+    except OSError as e:
+        raise ValueError(f"serve-teacher: cannot listen on {host}:{port}: {e.strerror or e}") from None
     h, p = server.server_address[:2]
     print(f"serving {model_path} as '{service.name}' on http://{h}:{p} (vocabulary {service.vocab_size}, "
           f"--max-logprobs {max_logprobs})", flush=True)
