@@ -603,6 +603,15 @@ def save_config(cfg: BaseModel, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
 
 
+def _type_name(ann) -> str:
+    """A field's type for --help: a Literal as its allowed values ('one of: auto, fp32, bf16-mixed')."""
+    if get_origin(ann) is Literal:
+        return "one of: " + ", ".join(str(v) for v in get_args(ann))
+    if get_origin(ann) in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in get_args(ann))
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
              ) -> list[tuple[str, str, str, str]]:
     """(dotted name, type, default, description) for every leaf field, for --help.
@@ -617,6 +626,6 @@ def describe(model: type[BaseModel], prefix: str = "", defaults: BaseModel | Non
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe(ann, dotted + ".", default if isinstance(default, BaseModel) else None))
             continue
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        type_name = _type_name(ann)
         rows.append((dotted, type_name, repr(default), f.description or ""))
     return rows

@@ -117,10 +117,13 @@ def test_bad_yaml_files(tmp_path):
     assert "train" in str(e.value)
 
 
-def test_empty_yaml_is_defaults(tmp_path):
+def test_empty_yaml_is_refused_and_no_file_is_defaults(tmp_path):
+    """An empty file is most likely the wrong file: it is refused (tests/test_bad_input.py); no file is defaults."""
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
-    assert load_config(empty) == RunConfig()
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(empty)
+    assert load_config(None) == RunConfig()
 
 
 def test_describe_covers_every_leaf():
