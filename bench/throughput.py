@@ -150,7 +150,7 @@ def bench_train(dirs: dict[str, Path], root: Path, batch: int, new_tokens: int, 
     cfg = load_config(None, [
         f"student.path={dirs['student']}", f"teacher.path={dirs['teacher']}", f"device={device}",
         f"rollout.prompts_per_step={batch}", f"rollout.max_new_tokens={new_tokens}", f"train.steps={steps}",
-        f"train.save_every={steps}", "train.sample_every=100000", f"run_dir={run_dir}"])
+        f"train.save_every={steps}", "train.sample_every=100000", "train.precision=fp32", f"run_dir={run_dir}"])
     with eos_suppressed():
         train(cfg, progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
