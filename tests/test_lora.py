@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from opdlab.config import ModelConfig, StudentConfig
 from opdlab.models.loading import load_model
-from opdlab.models.lora import AdaptersDisabled
+from opdlab.models.lora import AdaptersDisabled, load_adapter_weights
 from opdlab.rollout.builtin import sample
 from opdlab.tasks import ArithmeticTask
 from opdlab.teacher.scoring import score
@@ -107,7 +107,6 @@ def test_adapters_disabled_base_scores_as_a_frozen_copy(model_dirs, tmp_path, to
     train(make_cfg(model_dirs, run, *LORA, "train.steps=2"), progress=False)
     student, tok = load_model(StudentConfig(path=str(model_dirs["student"]), lora={"r": 4, "alpha": 8}), CPU,
                               trainable=True)
-    from opdlab.models.lora import load_adapter_weights
     load_adapter_weights(student, run / "checkpoints" / "step-000002" / "model")
     base, _ = load_model(ModelConfig(path=str(model_dirs["student"])), CPU)
     problems = list(ArithmeticTask(1, 2, seed=0, test_size=8).problems("train"))[:3]

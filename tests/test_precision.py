@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from opdlab.config import ConfigError, ModelConfig, load_config
 from opdlab.models.loading import load_model, resolve_dtype
@@ -104,16 +103,14 @@ def test_bf16_mixed_loss_and_gradient_agree_with_fp32(model_dirs):
     parameter's gradient at cosine >= 0.99 and norm within 5% of fp32's (bf16 keeps 8 bits of mantissa)."""
     task = ArithmeticTask(1, 2, seed=0, test_size=8)
     problems = list(task.problems("train"))[:4]
+    student, tok = load_model(ModelConfig(path=str(model_dirs["student"])), CPU)
+    rollouts = sample(student, tok, problems, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
     results = {}
-    for precision in ("fp32", "bf16-mixed"):
+    for precision in ("fp32", "bf16-mixed"):  # the same rollouts scored and trained on in both
         student, tok = load_model(ModelConfig(path=str(model_dirs["student"])), CPU, trainable=True,
                                   precision=precision)
         teacher, _ = load_model(ModelConfig(path=str(model_dirs["teacher"])), CPU, precision=precision)
         assert teacher.dtype == (torch.bfloat16 if precision == "bf16-mixed" else torch.float32)
-        rollouts = sample(student, tok, problems, max_new_tokens=10, generator=torch.Generator().manual_seed(0))
-        if precision == "fp32":
-            fixed = rollouts
-        rollouts = fixed  # the same tokens for both precisions
         for name in ("opd", "reverse_kl"):
             cfg = load_config(None, [f"objective.name={name}"]).objective
             objective = get_objective(name)

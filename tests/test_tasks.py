@@ -382,7 +382,6 @@ def test_words_style_tells_the_same_chain_and_checks_out():
     """The words style: the question's events, replayed independently here with a regex, give the answer; every
     'a +/- n = b' line of the worked solution is right; the chain style's problem with the same seed has the same
     start, operations and answer."""
-    import re
     words = ArithmeticTask(3, 8, seed=4, test_size=20, max_value=50, style="words")
     chain = ArithmeticTask(3, 8, seed=4, test_size=20, max_value=50)
     gains = "finds|buys|is given|wins|picks up"
