@@ -144,6 +144,10 @@ class RolloutConfig(_Section):
         "Rollout engine: 'builtin' samples with the trained model itself (opdlab.rollout.builtin); 'vllm' with a vLLM "
         "engine in this process, sent the student's weights after every step (opdlab.rollout.vllm; needs a GPU "
         "and `pip install vllm`)."))
+    kv_cache: Literal["static", "dynamic"] = Field("static", description=(
+        "backend builtin: 'static' decodes into a key/value cache allocated once for prompt + max_new_tokens "
+        "(transformers' StaticCache); 'dynamic' grows the model's default cache a position a step. Same tokens; "
+        "static is faster (docs/benchmarks.md). Use dynamic for a model whose cache StaticCache cannot hold."))
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description=(
         "backend vllm: fraction of the GPU's memory the vLLM engine may take (the rest is the trainer's)."))
 

@@ -10,8 +10,11 @@ import importlib.util
 import pytest
 import torch
 
+import opdlab.rollout.builtin
 from opdlab.config import ConfigError, RolloutConfig, load_config
+from opdlab.distributed import row_generators
 from opdlab.models.logprobs import student_forward
+from opdlab.rollout.builtin import sample
 from opdlab.rollout.vllm import VLLMSampler, pack_outputs
 from opdlab.rollout.samplers import BuiltinSampler, make_sampler
 from opdlab.tasks.arithmetic import ArithmeticTask
@@ -36,6 +39,33 @@ def test_builtin_sampler_returns_the_samplers_log_probs(student_model, tokenizer
     other = sampler.sample(PROBLEMS, seeds=[21, 22, 23, 24, 25])
     assert other.texts != rollouts.texts
     sampler.push_weights(student_model)  # nothing to push: it samples with the model itself
+
+
+def test_static_and_dynamic_kv_caches_sample_the_same_rollouts(student_model, tokenizer, monkeypatch):
+    """The static cache (the default) against the model's own growing cache, in fp32: left-padded prompts of
+    different lengths, rows that stop early, top-p and greedy decoding; the same tokens and log-probs."""
+    problems = ArithmeticTask(seed=3, min_steps=1, max_steps=4).problems("train")[:6]
+    prompt_lengths = {len(tokenizer(p.question)["input_ids"]) for p in problems}
+    assert len(prompt_lengths) > 1  # so the prompts are left-padded
+    first = BuiltinSampler(student_model, tokenizer, RolloutConfig(max_new_tokens=8), len(tokenizer)).sample(
+        problems, seeds=[1, 2, 3, 4, 5, 6])
+    # the untrained model never samples EOS: stop instead on a token row 0 samples, so rows end at different steps
+    stop = int(first.completion_ids_B_T[0, 5])
+    monkeypatch.setattr(opdlab.rollout.builtin, "stop_token_ids", lambda model, tok: [stop])
+    for temperature, top_p in ((1.0, 1.0), (0.8, 0.9), (0.0, 1.0)):
+        out = {}
+        for kv_cache in ("static", "dynamic"):
+            out[kv_cache] = sample(student_model, tokenizer, problems, max_new_tokens=40, temperature=temperature,
+                                   top_p=top_p, generator=row_generators([1, 2, 3, 4, 5, 6], torch.device("cpu")),
+                                   kv_cache=kv_cache)
+        static, dynamic = out["static"], out["dynamic"]
+        assert torch.equal(static.completion_ids_B_T, dynamic.completion_ids_B_T)
+        assert torch.equal(static.completion_mask_B_T, dynamic.completion_mask_B_T)
+        if temperature == 1.0:  # row 0 stops at step 6; not every row does
+            lengths = static.completion_mask_B_T.sum(1)
+            assert lengths[0] <= 6 and lengths.max() > 6
+        torch.testing.assert_close(static.logp_old_B_T, dynamic.logp_old_B_T, rtol=0, atol=1e-5)
+        torch.testing.assert_close(static.sampler_logp_B_T, dynamic.sampler_logp_B_T, rtol=0, atol=1e-5)
 
 
 def test_pack_outputs_rebuilds_a_rollout_batch(student_model, tokenizer):

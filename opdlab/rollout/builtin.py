@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
 from opdlab.models.logprobs import student_forward
 from opdlab.models.prompts import encode_prompts, position_ids, render_prompt, stop_token_ids
@@ -50,11 +51,30 @@ def draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Genera
     return tok_B.clamp_(max=probs_B_V.shape[-1] - 1)
 
 
+class _StaticCache(StaticCache):
+    """transformers' `StaticCache` storing keys and values in autocast's dtype when autocast is on: under bf16
+    autocast the rotary embedding returns fp32 keys beside bf16 values, which one preallocated buffer cannot hold,
+    and attention casts both to bf16 anyway, so storing them in bf16 changes no result."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        device_type = key_states.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
-           vocab_size: int | None = None, prompts: list[str] | None = None) -> Rollouts:
+           vocab_size: int | None = None, prompts: list[str] | None = None,
+           kv_cache: str = "static") -> Rollouts:
     """One completion per problem (repeat problems for several samples). Greedy when temperature == 0.
+
+    `kv_cache="static"` decodes into a cache allocated once for prompt + `max_new_tokens` positions
+    (transformers' `StaticCache`); "dynamic" grows the model's default cache by one position a step, a
+    concatenation per layer per token. Both give the same tokens and log-probs (tests/test_samplers.py); the static
+    one decoded the SmolLM2 student ~1.5x faster on a CPU (docs/benchmarks.md).
 
     `generator` may be a list with one generator per problem: each row then draws only from its own, so its tokens
     do not depend on which other rows share the batch (how a multi-process run matches a single-process one)."""
@@ -68,13 +88,22 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
 
     was_training = model.training
     model.eval()
+    P = prompt_ids.shape[1]
+    # the attention mask over prompt + completion, written one column a step (a row stops attending once done)
+    mask_B_L = torch.zeros((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+    mask_B_L[:, :P] = prompt_mask
+    cache = None
+    if kv_cache == "static":
+        cache = _StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
+    elif kv_cache != "dynamic":
+        raise ValueError(f"sample(): kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True, logits_to_keep=1)
-    cache, mask = out.past_key_values, prompt_mask
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
     next_pos_B_1 = position_ids(prompt_mask)[:, -1:] + 1
     alive_B = torch.ones(B, dtype=torch.bool, device=device)
     tokens, logp_old, logp_sampler, alive_steps = [], [], [], []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         logits_B_V = out.logits[:, -1, :V].float()
         logp_B_V = F.log_softmax(logits_B_V, dim=-1)
         if temperature == 0:
@@ -93,8 +122,8 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
         alive_B = alive_B & ~torch.isin(tok_B, stops)
         if not alive_B.any():
             break
-        mask = torch.cat([mask, alive_B[:, None].long()], dim=1)
-        out = model(input_ids=tok_B[:, None], attention_mask=mask, position_ids=next_pos_B_1,
+        mask_B_L[:, P + t] = alive_B
+        out = model(input_ids=tok_B[:, None], attention_mask=mask_B_L[:, :P + t + 1], position_ids=next_pos_B_1,
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         next_pos_B_1 = next_pos_B_1 + 1
