@@ -150,7 +150,8 @@ def opdlab_config(args, dirs: dict[str, Path], run_dir: Path):
         "rollout.temperature=1.0", "rollout.top_p=1.0", f"rollout.prompts_per_step={args.batch}",
         f"rollout.max_new_tokens={args.new_tokens}", f"train.steps={args.steps}", f"train.lr={args.lr}",
         "train.weight_decay=0.0", "train.grad_clip=1.0", "train.schedule=constant", "train.warmup_steps=0",
-        f"train.save_every={args.steps}", "train.sample_every=100000", f"run_dir={run_dir}"])
+        f"train.save_every={args.steps}", "train.sample_every=100000", f"run_dir={run_dir}",
+        f"train.precision={getattr(args, 'precision', 'fp32')}", *getattr(args, "extra_overrides", [])])
 
 
 def stream_problems(cfg, n: int):
@@ -204,7 +205,8 @@ def build_trl_trainer(args, dirs: dict[str, Path], problems, out_dir: Path):
             seq_kd=False, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
-            gradient_checkpointing=args.trl_gradient_checkpointing, bf16=False, fp16=False, use_cpu=True,
+            gradient_checkpointing=args.trl_gradient_checkpointing, bf16=getattr(args, "trl_bf16", False), fp16=False,
+            use_cpu=True,
             train_sampling_strategy="sequential", seed=0, data_seed=0, dataloader_num_workers=0,
             report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
     threads = torch.get_num_threads()
@@ -318,6 +320,7 @@ def loss_check(args, dirs: dict[str, Path], problems, root: Path) -> dict:
     grads = [(p.grad, q.grad) for p, q in zip(student.parameters(), trainer.model.parameters())]
     grad_diff = max((a - b).abs().max().item() for a, b in grads) / max(a.abs().max().item() for a, _ in grads)
     return {"opdlab": out.loss.item(), "trl_mean": trl_loss.item(), "trl_trainer_norm": trl_trainer_norm,
+            "rollouts": rollouts,
             "grad_rel_diff": grad_diff,
             "n_sampled": rollouts.num_loss_tokens, "n_reference": n_reference, "weights_differ": weights_differ,
             "student_params": n_params(student), "teacher_params": n_params(teacher), "vocab": vocab,

@@ -56,8 +56,10 @@ def sample_rollouts(run: Run, step: int) -> tuple[list[Problem], Rollouts, bool]
 def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
     """The teacher's scores of every sampled token, plus what the objective asked for (top-K, hidden states, the
     lookahead candidates' rewards). On the student's own prompt by default; under `privileged.view`, or both views of
-    the oracle trace in one pass when the objective asks for them (`opdlab.teacher.views`). The lookahead objective
-    has the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
+    the oracle trace in one pass when the objective asks for them (`opdlab.teacher.views`). A full-vocabulary
+    objective computes the teacher's token statistics at the loss positions itself, from the logits it makes
+    there anyway; `accumulate_gradients` writes them into the scores (`TeacherScores.fill_pending`). The lookahead
+    objective has the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
     cfg, request = run.cfg, run.teacher_request
     kwargs = dict(top_k=max(cfg.scoring.top_k, request.top_k), chunk_size=cfg.scoring.chunk_size,
                   keep_hidden=request.hidden, lookahead=request.lookahead,
@@ -65,6 +67,8 @@ def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
     views = ("full", "partial") if request.both_views else (cfg.privileged.view,)
     with full_params(run.prepared, enabled=request.lookahead is not None), run.autocast():
         if views == ("none",):
+            if request.stats_from_objective and kwargs["top_k"] == 0 and isinstance(run.teacher, torch.nn.Module):
+                kwargs["pending_B_T"] = rollouts.loss_mask_B_T  # the objective makes those logits anyway
             return score(run.teacher, rollouts, run.vocab_size, **kwargs)
         return score_views(run.teacher, run.tokenizer, rollouts, views, cfg.privileged, run.vocab_size, **kwargs)
 
@@ -122,6 +126,8 @@ def accumulate_gradients(run: Run, rollouts: Rollouts, scores: TeacherScores) ->
             out = run.objective(r_mb, s_mb, scores.select(mb), cfg.objective)
         # DDP averages gradients over processes: scaled by the process count, the loss is a sum over all tokens
         (out.loss * (weight * loss_scale(run.accelerator))).backward()
+        if scores.pending_B_T is not None:  # the teacher statistics `score` left to the objective
+            scores.fill_pending(mb, out.teacher_stats or {})
         entropy = (s_mb.entropy_B_T * r_mb.loss_mask_B_T).sum().item() / total_tokens
         totals.add(out.loss.item(), entropy, out.metrics, weight)
     return totals

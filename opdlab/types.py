@@ -88,6 +88,11 @@ class TeacherScores:
     objectives): these scores are then the teacher's under the full view of the oracle trace, and `partial` holds
     its scores, same fields, under the partial view (`opdlab.teacher.views`); both come from one teacher forward.
 
+    `pending_B_T` marks positions whose `logp_B_T`, `entropy_B_T` and `maxp_B_T` are not computed yet (zero for
+    now): an objective that makes the teacher's logits there anyway (the full-vocabulary divergences, asking with
+    `TeacherRequest.stats_from_objective`) returns them in `ObjectiveOutput.teacher_stats`, and the training step
+    writes them in (`fill_pending`), so each of the teacher's logit chunks is made once. None: nothing pending.
+
     The `lookahead_*` fields are set when the objective asked for candidate rewards (`TeacherRequest.lookahead`,
     the lookahead objective, docs/methods.md#lookahead-group-reward-lgr): `lookahead_trigger_B_T` marks the loss
     positions where the student's entropy exceeds tau, `lookahead_ids_B_T_K` holds the student's top-K candidates there
@@ -108,9 +113,19 @@ class TeacherScores:
     lookahead_trigger_B_T: torch.Tensor | None = None
     lookahead_ids_B_T_K: torch.Tensor | None = None
     lookahead_reward_B_T_K: torch.Tensor | None = None
+    pending_B_T: torch.Tensor | None = None
 
     def select(self, index: slice | list[int]) -> "TeacherScores":
         return _select(self, index)
+
+    def fill_pending(self, rows: slice, stats: dict[str, torch.Tensor]) -> None:
+        """Write an objective's `teacher_stats` for rows `rows` (each an (N,) tensor over those rows' pending
+        positions, in row-major order) into this batch's logp / entropy / maxp."""
+        pending_B_T = self.pending_B_T[rows]
+        for name, field_name in (("logp", "logp_B_T"), ("entropy", "entropy_B_T"), ("maxp", "maxp_B_T")):
+            if name not in stats:
+                raise ValueError(f"the objective returned no teacher {name!r} for the positions score() left to it")
+            getattr(self, field_name)[rows][pending_B_T] = stats[name].to(getattr(self, field_name).dtype)
 
 
 @dataclass
@@ -153,6 +168,9 @@ class TeacherRequest:
 
     top_k: int = 0  # the teacher's top-K ids and log-probs per position
     hidden: bool = False  # keep its hidden states and output layer: its full distribution, made chunk by chunk
+    # the objective computes the teacher's sampled-token log-prob, entropy and max-prob at the loss positions from
+    # the logits it makes there anyway (`ObjectiveOutput.teacher_stats`); `score` leaves them pending
+    stats_from_objective: bool = False
     # score two contexts, the full and the partial view of the oracle trace (`TeacherScores.partial`), in one pass;
     # otherwise one context, `privileged.view` of the run's config (by default the student's own prompt)
     both_views: bool = False
@@ -163,10 +181,14 @@ class TeacherRequest:
 
 @dataclass
 class ObjectiveOutput:
-    """An objective's scalar loss (already normalised) and its per-step diagnostics (floats)."""
+    """An objective's scalar loss (already normalised) and its per-step diagnostics (floats).
+
+    `teacher_stats` ('logp', 'entropy', 'maxp': (N,) over the batch's loss positions, row-major) is what an
+    objective asking for `TeacherRequest.stats_from_objective` returns of the teacher's distribution."""
 
     loss: torch.Tensor
     metrics: dict[str, float]
+    teacher_stats: dict[str, torch.Tensor] | None = None
 
 
 def _select(obj, index):

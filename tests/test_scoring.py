@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import STUDENT_SIZE, TEACHER_SIZE, tiny_llama
+from opdlab.config import ObjectiveConfig
 from opdlab.models.logprobs import student_forward
+from opdlab.objectives import get_objective
+from opdlab.rollout.masking import with_loss_mask
 from opdlab.models.prompts import encode_prompts, render_prompt
 from opdlab.rollout.builtin import sample, top_p_filter
 from opdlab.teacher.scoring import score
@@ -250,6 +253,46 @@ def test_teacher_score_matches_full_logits(tokenizer, rollouts, chunk_size, own_
     assert torch.equal(s.topk_ids_B_T_K[m], ref_ids[m])
     torch.testing.assert_close(s.topk_logp_B_T_K.double()[m], ref_lp[m], **tol)
     assert s.maxp_B_T[m].mean() > 5 / V  # a peaked teacher, far from uniform (1 / V)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd"])
+def test_full_vocab_objectives_supply_the_teacher_stats_score_leaves_pending(tokenizer, rollouts, name):
+    """With `pending_B_T`, `score` makes logits only off the loss positions; the full-vocabulary objective returns
+    the teacher's log-prob / entropy / max-prob at its loss positions from its own logits, micro-batch by
+    micro-batch, and once written in they equal what `score` computes by itself, as do the objective's loss and
+    metrics."""
+    V = len(tokenizer)
+    teacher = tiny_llama(tokenizer, 4, **TEACHER_SIZE)
+    student = tiny_llama(tokenizer, 5, **STUDENT_SIZE)
+    # leave one frequent token out of the loss, as special-token masking does, so some positions stay with score()
+    frequent = int(rollouts.completion_ids_B_T[rollouts.completion_mask_B_T.bool()].mode().values)
+    r = with_loss_mask(rollouts, [frequent])
+    loss_B_T, comp_B_T = r.loss_mask_B_T.bool(), r.completion_mask_B_T.bool()
+    assert 0 < int((comp_B_T & ~loss_B_T).sum()) < int(loss_B_T.sum())
+    rows_scored = []
+    hook = teacher.get_output_embeddings().register_forward_hook(lambda m, i, o: rows_scored.append(i[0].shape[0]))
+    full = score(teacher, r, V, keep_hidden=True, chunk_size=5)
+    n_full, rows_scored[:] = sum(rows_scored), []
+    pending = score(teacher, r, V, keep_hidden=True, chunk_size=5, pending_B_T=r.loss_mask_B_T)
+    hook.remove()
+    assert n_full == int(comp_B_T.sum()) and sum(rows_scored) == int((comp_B_T & ~loss_B_T).sum())
+    assert (pending.logp_B_T[loss_B_T] == 0).all()
+    cfg = ObjectiveConfig(name=name)
+    objective = get_objective(name)
+    assert objective.teacher_request(cfg).stats_from_objective
+    for mb in (slice(0, 2), slice(2, len(r.problems))):
+        r_mb = r.select(mb)
+        s_mb = student_forward(student, r_mb, V, chunk_size=4)
+        out = objective(r_mb, s_mb, pending.select(mb), cfg)
+        ref = objective(r_mb, s_mb, full.select(mb), cfg)
+        pending.fill_pending(mb, out.teacher_stats)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-6)
+        assert out.metrics.keys() == ref.metrics.keys()
+        for k in out.metrics:
+            assert out.metrics[k] == pytest.approx(ref.metrics[k], abs=1e-5), k
+    for field_name in ("logp_B_T", "entropy_B_T", "maxp_B_T"):
+        torch.testing.assert_close(getattr(pending, field_name)[comp_B_T], getattr(full, field_name)[comp_B_T],
+                                   rtol=0, atol=2e-5)
 
 
 def test_teacher_prompt_changes_scores(tokenizer, rollouts):

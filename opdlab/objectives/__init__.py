@@ -39,7 +39,8 @@ def _top_k(cfg: ObjectiveConfig) -> TeacherRequest:
 
 
 def _full_distribution(cfg: ObjectiveConfig) -> TeacherRequest:
-    return TeacherRequest(hidden=True)
+    # at temperature 1 the objective's own teacher logits give the token statistics `score` would make again
+    return TeacherRequest(hidden=True, stats_from_objective=cfg.divergence.temperature == 1)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,21 @@ training loop's choice of batch (`objective.gkd_lambda`), not part of these func
 Memory: the teacher's hidden states and output layer come in `TeacherScores` (scored with keep_hidden=True); both
 models' logits are made `student.chunk_size` positions at a time and each chunk's gradient is taken before the next
 chunk is made (`opdlab.objectives.common.run_chunks`), so no (B, T, V) tensor exists for either model. Diagnostics
-(`div/*`, `support/*` with S = the teacher's top-K) come from the same chunks, at the objective's temperature.
+(`div/*`, `support/*` with S = the teacher's top-K) come from the same chunks, at the objective's temperature. At
+temperature 1 the chunks also give the teacher's sampled-token log-prob, entropy and max-prob at every loss
+position (`ObjectiveOutput.teacher_stats`), so `score` makes no logits of its own there
+(`TeacherRequest.stats_from_objective`): each teacher logit chunk is made once a step.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from opdlab.config import ObjectiveConfig
+from opdlab.models.logprobs import scatter_back
 from opdlab.objectives.common import logits_of, mean_stats, run_chunks, teacher_topk_stats, to_floats, \
     token_metrics, zero_loss
 from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherScores
@@ -66,17 +71,21 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
         logp_C_V = F.log_softmax(scaled(logits_of(student, h_C_H)), dim=-1)
         with torch.no_grad():
             logq_C_V = F.log_softmax(scaled(logits_of(teacher, teacher_h_C_H)), dim=-1)
+            q_C_V = logq_C_V.exp()
             stats = teacher_topk_stats(logp_C_V.detach(), logq_C_V, y_C, min(cfg.support_k, logq_C_V.shape[-1]))
+            # the teacher's token statistics at these positions (TeacherRequest.stats_from_objective)
+            stats.update(teacher_logp=logq_C_V.gather(-1, y_C[:, None]).squeeze(-1),
+                         teacher_entropy=-(q_C_V * logq_C_V).sum(-1), teacher_maxp=q_C_V.max(-1).values)
         if beta in (0.0, 1.0):  # the loss is one KL and the diagnostic the other: both from one difference
             diff_C_V = logp_C_V - logq_C_V
             with torch.no_grad():
-                other_C_V = logq_C_V.exp() if beta == 1 else logp_C_V.detach().exp()
+                other_C_V = q_C_V if beta == 1 else logp_C_V.detach().exp()
                 other_C = (other_C_V * diff_C_V.detach()).sum(-1)
             if beta == 1:
                 loss_C = (logp_C_V.exp() * diff_C_V).sum(-1)
                 stats.update(kl_student_teacher=loss_C.detach(), kl_teacher_student=-other_C)
             else:
-                loss_C = -(logq_C_V.exp() * diff_C_V).sum(-1)
+                loss_C = -(q_C_V * diff_C_V).sum(-1)
                 stats.update(kl_teacher_student=loss_C.detach(), kl_student_teacher=other_C)
             return loss_C, stats
         with torch.no_grad():  # before the loss, while the loss's saved (C, V) tensors do not exist yet
@@ -89,8 +98,13 @@ def full_vocab_divergence(rollouts: Rollouts, student: StudentOutputs, teacher: 
                                    params=student.lm_head.parameters())
     loss = zero_loss(student) if loss_sum is None else loss_sum / n_tokens
     div = {k: stats_N.pop(k) for k in ("kl_teacher_student", "kl_student_teacher") if k in stats_N}
+    own = {k[len("teacher_"):]: stats_N.pop(k) for k in ("teacher_logp", "teacher_entropy", "teacher_maxp")
+           if k in stats_N}
+    if own and tau == 1:  # the sampled-token metrics from this objective's own teacher log-probs (exact, and set
+        # where `score` left them pending)
+        teacher = replace(teacher, logp_B_T=scatter_back(own["logp"], mask_B_T.to(own["logp"].device)))
     metrics = {**token_metrics(rollouts, student, teacher), **mean_stats(stats_N), **mean_stats(div, "div/")}
-    return ObjectiveOutput(loss=loss, metrics=to_floats(metrics))
+    return ObjectiveOutput(loss=loss, metrics=to_floats(metrics), teacher_stats=own if tau == 1 else None)
 
 
 def forward_kl(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScores,
