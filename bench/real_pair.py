@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -145,41 +146,12 @@ def build_distillation_trainer(args, dirs: dict[str, Path], problems, out_dir: P
     return trainer
 
 
-class DistillationProbe:
-    """Per-step generation / teacher timings of a DistillationTrainer (a callback, a wrapper and two hooks)."""
+class DistillationProbe(trl_compare.StepProbe):
+    """A DistillationTrainer's steps and its generation (`_generate`, whose second output is the completions)."""
 
     def __init__(self, trainer):
-        from transformers import TrainerCallback
-
-        self.steps: list[dict] = []
-        self.current: dict = {}
-        probe = self
-
-        class StepTimer(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                probe.current = {"gen_s": 0.0, "teacher_s": 0.0, "t0": time.perf_counter()}
-
-            def on_step_end(self, *a, **k):
-                cur = probe.current
-                cur["step_s"] = time.perf_counter() - cur.pop("t0")
-                cur["rest_s"] = cur["step_s"] - cur["gen_s"] - cur["teacher_s"]
-                probe.steps.append(cur)
-
-        trainer.add_callback(StepTimer())
-        generate = trainer._generate
-
-        def timed_generate(prompts):
-            t0 = time.perf_counter()
-            out = generate(prompts)
-            self.current["gen_s"] += time.perf_counter() - t0
-            self.current["tokens"] = sum(len(c) for c in out[1])
-            return out
-
-        trainer._generate = timed_generate
-        teacher = trainer.teacher_model
-        teacher.register_forward_pre_hook(lambda *a: self.current.__setitem__("teacher_t0", time.perf_counter()))
-        teacher.register_forward_hook(lambda *a: self.current.__setitem__(
-            "teacher_s", self.current["teacher_s"] + time.perf_counter() - self.current.pop("teacher_t0")))
+        super().__init__(trainer)
+        trainer._generate = self.timed(trainer._generate, lambda out: sum(len(c) for c in out[1]))
 
 
 def run_distillation(args, dirs, problems, out_dir: Path) -> list[dict]:
@@ -246,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)  # e.g. GKD's "consider DistillationTrainer" notice
 
     from transformers import AutoModelForCausalLM
 

@@ -219,8 +219,9 @@ def build_trl_trainer(args, dirs: dict[str, Path], problems, out_dir: Path):
     return trainer
 
 
-class TrlProbe:
-    """Per-step timings and values of a GKDTrainer, from a callback, two hooks and two wrappers (TRL unchanged)."""
+class StepProbe:
+    """Per-step timings of a transformers Trainer (TRL unchanged): a callback times each step, forward hooks on the
+    teacher time its passes, and the subclass wraps the trainer's generation call (`gen_s`, `tokens`)."""
 
     def __init__(self, trainer):
         from transformers import TrainerCallback
@@ -241,16 +242,30 @@ class TrlProbe:
                 probe.steps.append(cur)
 
         trainer.add_callback(StepTimer())
-        generate = type(trainer).generate_on_policy_outputs  # a staticmethod: (model, inputs, generation_config)
+        teacher = trainer.teacher_model
+        teacher.register_forward_pre_hook(lambda *a: self.current.__setitem__("teacher_t0", time.perf_counter()))
+        teacher.register_forward_hook(lambda *a: self.current.__setitem__(
+            "teacher_s", self.current["teacher_s"] + time.perf_counter() - self.current.pop("teacher_t0")))
 
-        def timed_generate(*a, **k):
+    def timed(self, fn, count_tokens):
+        """`fn` with its time added to the step's `gen_s` and `count_tokens(result)` recorded as its tokens."""
+        def wrapper(*a, **k):
             t0 = time.perf_counter()
-            ids, mask, labels = generate(*a, **k)
+            out = fn(*a, **k)
             self.current["gen_s"] += time.perf_counter() - t0
-            self.current["tokens"] = int((labels != -100).sum())
-            return ids, mask, labels
+            self.current["tokens"] = count_tokens(out)
+            return out
+        return wrapper
 
-        trainer.generate_on_policy_outputs = timed_generate
+
+class TrlProbe(StepProbe):
+    """A GKDTrainer's steps, its generation (`generate_on_policy_outputs`) and loss values."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        # a staticmethod: (model, inputs, generation_config) -> ids, mask, labels
+        trainer.generate_on_policy_outputs = self.timed(type(trainer).generate_on_policy_outputs,
+                                                        lambda out: int((out[2] != -100).sum()))
         compute_loss = trainer.compute_loss
 
         def recorded_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -261,10 +276,6 @@ class TrlProbe:
             return out
 
         trainer.compute_loss = recorded_compute_loss
-        teacher = trainer.teacher_model
-        teacher.register_forward_pre_hook(lambda *a: self.current.__setitem__("teacher_t0", time.perf_counter()))
-        teacher.register_forward_hook(lambda *a: self.current.__setitem__(
-            "teacher_s", self.current["teacher_s"] + time.perf_counter() - self.current.pop("teacher_t0")))
 
 
 def run_trl(args, dirs: dict[str, Path], problems, out_dir: Path) -> list[dict]:

@@ -72,8 +72,8 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
     """One completion per problem (repeat problems for several samples). Greedy when temperature == 0.
 
     `kv_cache="static"` decodes into a cache allocated once for prompt + `max_new_tokens` positions
-    (transformers' `StaticCache`); "dynamic" grows the model's default cache by one position a step, a
-    concatenation per layer per token. Both give the same tokens and log-probs (tests/test_samplers.py); the static
+    (transformers' `StaticCache`; an architecture transformers does not run with one keeps its default cache);
+    "dynamic" grows the model's default cache by one position a step, a concatenation per layer per token. Both give the same tokens and log-probs (tests/test_samplers.py); the static
     one decoded the SmolLM2 student ~1.5x faster on a CPU (docs/benchmarks.md).
 
     `generator` may be a list with one generator per problem: each row then draws only from its own, so its tokens
@@ -92,11 +92,11 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
     # the attention mask over prompt + completion, written one column a step (a row stops attending once done)
     mask_B_L = torch.zeros((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
     mask_B_L[:, :P] = prompt_mask
-    cache = None
-    if kv_cache == "static":
-        cache = _StaticCache(config=model.config, max_cache_len=P + max_new_tokens)
-    elif kv_cache != "dynamic":
+    if kv_cache not in ("static", "dynamic"):
         raise ValueError(f"sample(): kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
+    cache = None  # the model's default (dynamic) cache
+    if kv_cache == "static" and getattr(model, "_can_compile_fullgraph", False):  # the architectures transformers
+        cache = _StaticCache(config=model.config, max_cache_len=P + max_new_tokens)  # runs with a StaticCache
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
