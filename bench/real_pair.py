@@ -164,8 +164,7 @@ def run_distillation(args, dirs, problems, out_dir: Path) -> list[dict]:
 
 def distillation_loss(args, dirs, problems, rollouts, root: Path) -> float:
     """DistillationTrainer's loss function on opdlab's sampled batch (fp32, per-token mean)."""
-    args_fp32 = argparse.Namespace(**{**vars(args), "trl_bf16": False})
-    trainer = build_distillation_trainer(args_fp32, dirs, problems[:args.batch], root / "distill-loss-check")
+    trainer = build_distillation_trainer(args, dirs, problems[:args.batch], root / "distill-loss-check")
     inputs = {"prompt_ids": rollouts.prompt_ids_B_P, "prompt_mask": rollouts.prompt_mask_B_P,
               "completion_ids": rollouts.completion_ids_B_T, "completion_mask": rollouts.completion_mask_B_T}
     with torch.no_grad(), trl_compare.quiet():
@@ -244,8 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         cfg = trl_compare.opdlab_config(argparse.Namespace(**{**vars(args), "precision": "fp32"}), dirs, root / "r")
         problems = trl_compare.stream_problems(cfg, args.batch * args.steps)
-        check = trl_compare.loss_check(args, dirs, problems, root)
-        check["distillation"] = distillation_loss(args, dirs, problems, check.pop("rollouts"), root)
+        fp32_args = argparse.Namespace(**{**vars(args), "trl_bf16": False})  # the loss check compares in fp32
+        check = trl_compare.loss_check(fp32_args, dirs, problems, root)
+        check["distillation"] = distillation_loss(fp32_args, dirs, problems, check.pop("rollouts"), root)
         runs: dict[str, list] = {s: [] for s in sides}
         for rep in range(args.repeats):
             order = sides[rep % len(sides):] + sides[:rep % len(sides)]
