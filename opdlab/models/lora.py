@@ -13,6 +13,7 @@ base, and `opdlab export` writes the merged model as a plain Hugging Face direct
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ def add_adapters(model, cfg: LoRAConfig, base_path: str):
                           target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     # an absolute path, so that a checkpoint's adapters find their base from any working directory
     peft_cfg.base_model_name_or_path = os.path.abspath(base_path) if os.path.isdir(base_path) else base_path
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
