@@ -237,9 +237,17 @@ class ObjectiveConfig(_Section):
     The name is checked against the objective table when the run is built (`opdlab.objectives.get_objective`)."""
 
     name: str = Field("opd", description="Objective, by name from the objective table (see `opdlab objectives`).")
-    kl_coef: float = Field(1.0, gt=0, description=(
+    kl_coef: float = Field(1.0, ge=0, description=(
         "kappa of the sampled-token advantage A_t = -kappa * (log pi_old - log pi_T) (opd, lookahead, lsm's "
-        "head_tail)."))
+        "head_tail); 0 turns the teacher term off (with reward_weight > 0: a pure GRPO-style policy gradient)."))
+    reward_weight: float = Field(0.0, ge=0, description=(
+        "w of the task-reward term added to the sampled-token advantage, A_t += w * A_i, where A_i is rollout "
+        "i's task reward normalised within its prompt's group of rollout.samples_per_prompt samples as in GRPO "
+        "(objective.reward_norm); needs samples_per_prompt > 1 and a sampled-token objective (opd, lookahead). "
+        "0 = distillation alone."))
+    reward_norm: Literal["std", "mean"] = Field("std", description=(
+        "Group normalisation of the reward term: 'std': (r_i - mean_g r) / (std_g r + 1e-4), std with 1/(n-1) "
+        "(GRPO, as TRL computes it); 'mean': r_i - mean_g r (Dr. GRPO, no division by the group's std)."))
     discount: float = Field(0.0, ge=0, le=1, description=(
         "gamma of the sampled-token advantage: 0 uses each token's own reverse KL; > 0 sums discounted future "
         "per-token KLs into it."))
@@ -435,6 +443,10 @@ class RunConfig(_Section):
                 f"small updates round away (at lr 1e-6, 2% of a bf16 layer's weights move in 10 steps, against "
                 f"99.99% in fp32). Set student.dtype=auto (fp32 master weights) with train.precision=bf16-mixed "
                 f"(or auto) for bf16 speed, or train adapters on a 16-bit base with student.lora.r > 0")
+        if self.objective.reward_weight > 0 and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"objective.reward_weight={self.objective.reward_weight} normalises each rollout's "
+                             f"reward within its prompt's group of samples: it needs rollout.samples_per_prompt >= 2 "
+                             f"(got {self.rollout.samples_per_prompt}); 4 to 16 is usual")
         if self.privileged.teacher == "lora_base" and not self.student.lora.r:
             raise ValueError("privileged.teacher=lora_base is the student's base model with its adapters "
                              "disabled: it needs a LoRA student (student.lora.r > 0)")

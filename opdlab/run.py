@@ -27,7 +27,7 @@ from opdlab.distributed import PreparedStudent, StudentDecoder, fsdp_units, make
 from opdlab.models.loading import check_compatible, load_model
 from opdlab.models.logprobs import student_forward
 from opdlab.models.prompts import stop_token_ids
-from opdlab.objectives import Objective, get_objective
+from opdlab.objectives import Objective, check_objective
 from opdlab.rollout.masking import masked_token_ids
 from opdlab.rollout.samplers import Sampler, make_sampler
 from opdlab.runtime import autocast, make_scheduler, resolve_device, seed_everything
@@ -47,7 +47,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     """A run's config from YAML + dotted overrides (`opdlab.config.load_config`), with its objective's name checked
     against the objective table: every problem with the config is a `ConfigError` before anything is computed."""
     cfg = load_config(path, overrides, RunConfig)
-    get_objective(cfg.objective.name)
+    check_objective(cfg.objective)
     return cfg
 
 
@@ -136,7 +136,7 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     teacher, ema_teacher, teacher_tokenizer = _load_teacher(cfg, student, tokenizer, device)
     pairing = check_compatible(student, tokenizer, student if cfg.remote_teacher.url else teacher, teacher_tokenizer)
     task = make_task(cfg.task)
-    objective = get_objective(cfg.objective.name)
+    objective = check_objective(cfg.objective)
     masked_ids = masked_token_ids(tokenizer, teacher_tokenizer, cfg.objective.mask_tokens, cfg.objective.auto_mask,
                                   keep=stop_token_ids(student, tokenizer))
     stream = ProblemStream(task.problems("train"), seed=cfg.task.seed)
