@@ -412,6 +412,35 @@ class RemoteTeacherConfig(_Section):
     backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled before each next one.")
 
 
+class TrackConfig(_Section):
+    """Where a run's numbers go (opdlab.tracking): metrics.jsonl always, and any of TensorBoard, Weights & Biases,
+    trackio and MLflow (through accelerate's tracker classes), each sent the resolved config, the metrics of every
+    step, the sample rollouts as a table and, at the end, the training-curve plot."""
+
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        ["jsonl", "tensorboard"], description=(
+            "Trackers: 'jsonl' (metrics.jsonl, samples.jsonl: the run directory's own record, always on), "
+            "'tensorboard' (RUN_DIR/tensorboard), 'wandb', 'trackio', 'mlflow' (each needs its package: "
+            "`pip install -r requirements-trackers.txt`)."))
+    project: str = Field("opdlab", description="Project (wandb, trackio) or experiment (mlflow) name.")
+    run_name: str | None = Field(None, description="The run's name in the trackers; None = the run directory's name.")
+    tags: list[str] = Field([], description="Tags of the run (wandb; mlflow: tags with empty values).")
+    offline: bool = Field(True, description=(
+        "Keep tracker data on this machine: wandb in offline mode under RUN_DIR/wandb (`wandb sync` uploads it), "
+        "mlflow in a file store under RUN_DIR/mlruns, trackio in its local store. false: wandb online (WANDB_* "
+        "settings), mlflow at MLFLOW_TRACKING_URI, trackio as its TRACKIO_* settings say."))
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        if "jsonl" not in v:
+            raise ValueError("must include 'jsonl': metrics.jsonl is the run's own record, which --resume, "
+                             "`opdlab report` and `opdlab compare` read")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a tracker twice: {v}")
+        return v
+
+
 class RunConfig(_Section):
     """A training run."""
 
@@ -430,6 +459,8 @@ class RunConfig(_Section):
         "Privileged teacher contexts (oracle traces) and self-teachers."))
     remote_teacher: RemoteTeacherConfig = Field(default_factory=RemoteTeacherConfig, description=(
         "A teacher served over HTTP instead of loaded here (remote_teacher.url)."))
+    track: TrackConfig = Field(default_factory=TrackConfig, description=(
+        "Experiment trackers: jsonl, TensorBoard, wandb, trackio, mlflow."))
     run_dir: str = Field("runs/opd", description="Where metrics, checkpoints and samples are written.")
     device: str = Field("auto", description=(
         "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ... Under `accelerate launch` with "

@@ -35,7 +35,7 @@ from opdlab.tasks import Task, make_task
 from opdlab.tasks.base import ProblemStream
 from opdlab.teacher.remote import connect_teacher
 from opdlab.teacher.self_teacher import EMATeacher, make_teacher
-from opdlab.tracking import MetricsLogger
+from opdlab.tracking import MetricsLogger, check_trackers
 from opdlab.types import Rollouts, StudentOutputs, TeacherRequest
 
 
@@ -48,6 +48,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     against the objective table: every problem with the config is a `ConfigError` before anything is computed."""
     cfg = load_config(path, overrides, RunConfig)
     check_objective(cfg.objective)
+    check_trackers(cfg.track)
     return cfg
 
 
@@ -114,6 +115,8 @@ def _load_teacher(cfg: RunConfig, student, tokenizer, device):
 
 def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     """Everything a run needs, in this process; with `resume`, restored from the latest checkpoint."""
+    check_objective(cfg.objective)
+    check_trackers(cfg.track)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     if not resume and latest_checkpoint(ckpt_root) is not None:
@@ -168,7 +171,8 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
                          "the student's state_dict, which FSDP holds in shards. Use DDP (`accelerate launch "
                          "--multi_gpu`) with vLLM, or the built-in sampler (rollout.backend=builtin) with FSDP")
     sampler = make_sampler(cfg.rollout, student, tokenizer, pairing.vocab_size, cfg.student.path)
-    logger = MetricsLogger(run_dir, start_step=start_step) if main else None
+    logger = MetricsLogger(run_dir, start_step=start_step, track=cfg.track,
+                           config=cfg.model_dump(mode="json", by_alias=True)) if main else None
     fidelity_probe = None  # supervision fidelity decay on the current student's prefixes (opdlab.diagnostics)
     if cfg.train.fidelity_every and main:
         fidelity_probe = FidelityProbe(teacher, tokenizer, task, cfg.fidelity, run_dir=run_dir, seed=cfg.train.seed,
