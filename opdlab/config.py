@@ -28,6 +28,16 @@ class ModelConfig(_Section):
         "bf16-mixed precision, float32 otherwise. A 16-bit dtype for a fully trained student is refused: AdamW "
         "steps on bf16 weights round most small updates away."))
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
+    system_prompt: str | None = Field(None, description=(
+        "A system message before every prompt's user turn, through the chat template (which then leaves out a "
+        "default system prompt of its own); None = the template's default."))
+    chat_template: str | None = Field(None, description=(
+        "A Jinja chat template (text holding {% or {{), or the path of a .jinja file, used instead of the "
+        "tokenizer's own, e.g. for a teacher of another family; None = the tokenizer's."))
+    chat_template_kwargs: dict[str, Any] = Field({}, description=(
+        "Variables passed to the chat template, e.g. {enable_thinking: false} for Qwen3; each must be one the "
+        "template reads. They and system_prompt are written into the tokenizer's template, so checkpoints, "
+        "`opdlab export` and vLLM render prompts the same way."))
 
 
 class LoRAConfig(_Section):
@@ -478,6 +488,11 @@ class RunConfig(_Section):
             raise ValueError(f"objective.reward_weight={self.objective.reward_weight} normalises each rollout's "
                              f"reward within its prompt's group of samples: it needs rollout.samples_per_prompt >= 2 "
                              f"(got {self.rollout.samples_per_prompt}); 4 to 16 is usual")
+        t = self.teacher
+        if self.remote_teacher.url and (t.system_prompt is not None or t.chat_template or t.chat_template_kwargs):
+            raise ValueError("teacher.system_prompt / chat_template / chat_template_kwargs format the prompt of a "
+                             "teacher loaded here; a served teacher (remote_teacher.url) scores the student's own "
+                             "prompt tokens: set them on the student, or drop them")
         if self.privileged.teacher == "lora_base" and not self.student.lora.r:
             raise ValueError("privileged.teacher=lora_base is the student's base model with its adapters "
                              "disabled: it needs a LoRA student (student.lora.r > 0)")

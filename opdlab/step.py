@@ -71,7 +71,8 @@ def with_rewards(run: Run, rollouts: Rollouts, rewards: list[float], on_policy: 
 
 def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
     """The teacher's scores of every sampled token, plus what the objective asked for (top-K, hidden states, the
-    lookahead candidates' rewards). On the student's own prompt by default; under `privileged.view`, or both views of
+    lookahead candidates' rewards). On the student's own prompt by default (the teacher's own rendering of it where
+    the teacher has a prompt format of its own); under `privileged.view`, or both views of
     the oracle trace in one pass when the objective asks for them (`opdlab.teacher.views`). The lookahead objective
     has the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
     cfg, request = run.cfg, run.teacher_request
@@ -79,10 +80,13 @@ def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
                   keep_hidden=request.hidden, lookahead=request.lookahead,
                   student=run.student if request.lookahead is not None else None)
     views = ("full", "partial") if request.both_views else (cfg.privileged.view,)
+    # a teacher with a prompt format of its own (system prompt, template, template variables) gets its own prompt
+    own_prompt = run.teacher_tokenizer.chat_template != run.tokenizer.chat_template
     with full_params(run.prepared, enabled=request.lookahead is not None), run.autocast():
-        if views == ("none",):
+        if views == ("none",) and not own_prompt:
             return score(run.teacher, rollouts, run.vocab_size, **kwargs)
-        return score_views(run.teacher, run.tokenizer, rollouts, views, cfg.privileged, run.vocab_size, **kwargs)
+        return score_views(run.teacher, run.teacher_tokenizer, rollouts, views, cfg.privileged, run.vocab_size,
+                           own_prompt=own_prompt, **kwargs)
 
 
 def micro_batches(n: int, size: int | None) -> list[slice]:
