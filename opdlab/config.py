@@ -118,6 +118,9 @@ class GymTaskConfig(_Section):
     name: str = Field("basic_arithmetic", description="Generator name, e.g. countdown.")
     train_size: int = Field(2000, ge=1, description="Number of training problems.")
     threshold: float = Field(1.0, ge=0, le=1, description="Score needed for reward 1.")
+    config: dict[str, Any] = Field({}, description=(
+        "The generator's own settings, passed to reasoning_gym.create_dataset, e.g. {min_numbers: 3, max_target: "
+        "50} for countdown (size and seed come from train_size / test_size and task.seed)."))
 
 
 class TaskConfig(_Section):
@@ -519,7 +522,7 @@ RENAMED = {
     **{f"task.{k}": f"task.arithmetic.{k}" for k in ("min_steps", "max_steps", "max_value", "shortcut_frac")},
     **{f"task.{k}": f"task.file.{k}" for k in ("train_path", "test_path", "question_field", "answer_field",
                                                "solution_field")},
-    **{f"task.gym_{k}": f"task.gym.{k}" for k in ("name", "train_size", "threshold")},
+    **{f"task.gym_{k}": f"task.gym.{k}" for k in ("name", "train_size", "threshold", "config")},
 }
 
 
@@ -552,17 +555,24 @@ def _section_at(model: type[BaseModel] | None, path) -> type[BaseModel] | None:
     return model
 
 
-def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None,
+                             overrides: list[str] = ()) -> str:
+    """One line per error, with the field, the message and the value; an error in a field that an override set
+    names that override (the others come from `source`, the file or the defaults)."""
+    by_key = {item.split("=", 1)[0]: item for item in overrides if "=" in item}
+    lines = [f"invalid configuration ({source}{' + overrides' if by_key else ''}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        # the override that set this field or a section above it (the last one given wins, as in apply_overrides)
+        origin = next((item for key, item in reversed(by_key.items())
+                       if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")), None)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = _section_at(model, e["loc"][:-1])
             msg = "unknown field" + (f"; allowed here: {', '.join(_fields(section))}" if section else "")
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
+        lines.append(f"  {loc}: {msg}{shown}" + (f", from override {origin!r}" if origin else ""))
     return "\n".join(lines)
 
 
@@ -654,7 +664,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source, model)) from None
+        raise ConfigError(_format_validation_error(e, source, model, list(overrides or []))) from None
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

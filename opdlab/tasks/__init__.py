@@ -30,7 +30,7 @@ def make_task(cfg: TaskConfig) -> Task:
     if cfg.name == "reasoning_gym":
         g = cfg.gym
         return GymTask(g.name, train_size=g.train_size, test_size=cfg.test_size, seed=cfg.seed,
-                       threshold=g.threshold)
+                       threshold=g.threshold, gym_config=g.config)
     if cfg.name == "code":
         c = cfg.code
         limits = Limits(wall_s=c.timeout_s, cpu_s=c.cpu_s, memory_mb=c.memory_mb, processes=c.processes,
