@@ -105,8 +105,14 @@ class ArithmeticTaskConfig(_Section):
 class FileTaskConfig(_Section):
     """Problems from a file (`task.name=file`): question/answer rows verified with math-verify (opdlab.tasks.files)."""
 
-    train_path: str | None = Field(None, description="Training file (.jsonl, .parquet or a dataset dir).")
-    test_path: str | None = Field(None, description="Test file; defaults to train_path.")
+    train_path: str | None = Field(None, description=(
+        "Training data: a .jsonl / .parquet file, a save_to_disk directory, or hf://NAME[:CONFIG] for "
+        "datasets.load_dataset (a hub id such as hf://openai/gsm8k:main, or a local folder of data files)."))
+    test_path: str | None = Field(None, description=(
+        "Test data, as train_path; None = the training dataset's test split where it has one, else task.test_size "
+        "rows held out of the training data."))
+    train_split: str = Field("train", description="Split of an hf:// (or saved DatasetDict) training dataset.")
+    test_split: str = Field("test", description="Split of an hf:// test dataset, or of the training one.")
     question_field: str = Field("question", description="Field holding the question.")
     answer_field: str = Field("answer", description="Field holding the reference answer.")
     solution_field: str | None = Field("solution", description="Optional worked-solution field.")
