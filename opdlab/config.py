@@ -683,6 +683,9 @@ def _type_name(ann) -> str:
         return "one of: " + ", ".join(str(v) for v in get_args(ann))
     if get_origin(ann) in (Union, UnionType):
         return " | ".join(_type_name(a) for a in get_args(ann))
+    if get_origin(ann) is list and get_args(ann):  # list[Literal[...]]: 'list of (one of: a, b)'
+        inner = _type_name(get_args(ann)[0])
+        return f"list of ({inner})" if " " in inner else f"list of {inner}"
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 

@@ -112,7 +112,8 @@ class _Tracker:
 
     def config(self, values: dict, config_file: Path) -> None:
         self.tracker.store_init_configuration(values)
-        self.file(config_file)
+        if config_file.is_file():  # a run directory has it (opdlab.run writes it first)
+            self.file(config_file)
 
     def file(self, path: Path) -> None:
         if self.name == "wandb":
