@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench bench-trl bench-tree clean
 
-$(BIN)/opdlab: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/opdlab: requirements.txt requirements-dev.txt requirements-trackers.txt requirements-evals.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

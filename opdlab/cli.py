@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from accelerate import PartialState
+from transformers.utils import logging as transformers_logging
 from pydantic import Field
 from rich.console import Console
 
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, cfg_model, what in (("train", RunConfig, "on-policy distillation"), ("sft", SFTConfig, "warm start")):
         t = sub.add_parser(name, help=what, formatter_class=fmt, epilog=fields_help(cfg_model))
-        t.add_argument("config", help="YAML config file ('-' for defaults only)")
+        t.add_argument("config", nargs="?", help="YAML config file ('-' for defaults only)")
         t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         if name == "train":
             t.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
@@ -150,6 +151,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _required_config(command: str, config: str | None) -> str:
+    """`config` of `opdlab train` / `opdlab sft`, which must be a file or '-': a clear error when it is missing or
+    is an override."""
+    if config is None:
+        raise ConfigError(f"{command}: a config is required: a YAML file (e.g. opdlab/configs/demo.yaml) or '-' for "
+                          f"the defaults, then any key=value overrides; `opdlab {command} --help` lists every field")
+    if "=" in config and not os.path.isfile(config):
+        raise ConfigError(f"the first argument of opdlab {command} is the config file (or '-' for the defaults), "
+                          f"got the override {config!r}: write `opdlab {command} - {config} ...`")
+    return config
+
+
 def _config_and_overrides(config: str | None, overrides: list[str], model):
     path = None if config in (None, "-") else config
     return load_run_config(path, overrides) if model is RunConfig else load_config(path, overrides, model)
@@ -157,6 +170,10 @@ def _config_and_overrides(config: str | None, overrides: list[str], model):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # transformers' weight-loading, shard-writing and GGUF-conversion bars: one line each per model, noise in logs
+    # beside opdlab's own progress (set OPDLAB_HF_PROGRESS=1 to keep them)
+    if not os.environ.get("OPDLAB_HF_PROGRESS"):
+        transformers_logging.disable_progress_bar()
     # `compare` parses its own arguments: argparse.REMAINDER cannot start with an option (`--objectives ...`)
     if argv[:1] == ["compare"]:
         return _guarded(lambda: compare_main(argv[1:]))
@@ -191,12 +208,12 @@ def _dispatch(args) -> int:
     elif args.command == "prepare":
         prepare_pair(args.pair, force=args.force, console=console)
     elif args.command == "train":
-        cfg = _config_and_overrides(args.config, args.overrides, RunConfig)
+        cfg = _config_and_overrides(_required_config("train", args.config), args.overrides, RunConfig)
         run_dir = train(cfg, resume=args.resume)
         if PartialState().is_main_process:  # under torchrun / accelerate launch, one process draws
             console.print(f"run written to {run_dir}; curves: {plot_training_curves(run_dir)}")
     elif args.command == "sft":
-        cfg = _config_and_overrides(args.config, args.overrides, SFTConfig)
+        cfg = _config_and_overrides(_required_config("sft", args.config), args.overrides, SFTConfig)
         console.print(f"model saved to {run_sft(cfg)}")
     elif args.command == "eval":
         _eval(args, console)

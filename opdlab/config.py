@@ -28,6 +28,16 @@ class ModelConfig(_Section):
         "bf16-mixed precision, float32 otherwise. A 16-bit dtype for a fully trained student is refused: AdamW "
         "steps on bf16 weights round most small updates away."))
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="transformers attention kernel.")
+    system_prompt: str | None = Field(None, description=(
+        "A system message before every prompt's user turn, through the chat template (which then leaves out a "
+        "default system prompt of its own); None = the template's default."))
+    chat_template: str | None = Field(None, description=(
+        "A Jinja chat template (text holding {% or {{), or the path of a .jinja file, used instead of the "
+        "tokenizer's own, e.g. for a teacher of another family; None = the tokenizer's."))
+    chat_template_kwargs: dict[str, Any] = Field({}, description=(
+        "Variables passed to the chat template, e.g. {enable_thinking: false} for Qwen3; each must be one the "
+        "template reads. They and system_prompt are written into the tokenizer's template, so checkpoints, "
+        "`opdlab export` and vLLM render prompts the same way."))
 
 
 class LoRAConfig(_Section):
@@ -95,8 +105,14 @@ class ArithmeticTaskConfig(_Section):
 class FileTaskConfig(_Section):
     """Problems from a file (`task.name=file`): question/answer rows verified with math-verify (opdlab.tasks.files)."""
 
-    train_path: str | None = Field(None, description="Training file (.jsonl, .parquet or a dataset dir).")
-    test_path: str | None = Field(None, description="Test file; defaults to train_path.")
+    train_path: str | None = Field(None, description=(
+        "Training data: a .jsonl / .parquet file, a save_to_disk directory, or hf://NAME[:CONFIG] for "
+        "datasets.load_dataset (a hub id such as hf://openai/gsm8k:main, or a local folder of data files)."))
+    test_path: str | None = Field(None, description=(
+        "Test data, as train_path; None = the training dataset's test split where it has one, else task.test_size "
+        "rows held out of the training data."))
+    train_split: str = Field("train", description="Split of an hf:// (or saved DatasetDict) training dataset.")
+    test_split: str = Field("test", description="Split of an hf:// test dataset, or of the training one.")
     question_field: str = Field("question", description="Field holding the question.")
     answer_field: str = Field("answer", description="Field holding the reference answer.")
     solution_field: str | None = Field("solution", description="Optional worked-solution field.")
@@ -108,6 +124,9 @@ class GymTaskConfig(_Section):
     name: str = Field("basic_arithmetic", description="Generator name, e.g. countdown.")
     train_size: int = Field(2000, ge=1, description="Number of training problems.")
     threshold: float = Field(1.0, ge=0, le=1, description="Score needed for reward 1.")
+    config: dict[str, Any] = Field({}, description=(
+        "The generator's own settings, passed to reasoning_gym.create_dataset, e.g. {min_numbers: 3, max_target: "
+        "50} for countdown (size and seed come from train_size / test_size and task.seed)."))
 
 
 class TaskConfig(_Section):
@@ -241,9 +260,17 @@ class ObjectiveConfig(_Section):
     The name is checked against the objective table when the run is built (`opdlab.objectives.get_objective`)."""
 
     name: str = Field("opd", description="Objective, by name from the objective table (see `opdlab objectives`).")
-    kl_coef: float = Field(1.0, gt=0, description=(
+    kl_coef: float = Field(1.0, ge=0, description=(
         "kappa of the sampled-token advantage A_t = -kappa * (log pi_old - log pi_T) (opd, lookahead, lsm's "
-        "head_tail)."))
+        "head_tail); 0 turns the teacher term off (with reward_weight > 0: a pure GRPO-style policy gradient)."))
+    reward_weight: float = Field(0.0, ge=0, description=(
+        "w of the task-reward term added to the sampled-token advantage, A_t += w * A_i, where A_i is rollout "
+        "i's task reward normalised within its prompt's group of rollout.samples_per_prompt samples as in GRPO "
+        "(objective.reward_norm); needs samples_per_prompt > 1 and a sampled-token objective (opd, lookahead). "
+        "0 = distillation alone."))
+    reward_norm: Literal["std", "mean"] = Field("std", description=(
+        "Group normalisation of the reward term: 'std': (r_i - mean_g r) / (std_g r + 1e-4), std with 1/(n-1) "
+        "(GRPO, as TRL computes it); 'mean': r_i - mean_g r (Dr. GRPO, no division by the group's std)."))
     discount: float = Field(0.0, ge=0, le=1, description=(
         "gamma of the sampled-token advantage: 0 uses each token's own reverse KL; > 0 sums discounted future "
         "per-token KLs into it."))
@@ -408,6 +435,35 @@ class RemoteTeacherConfig(_Section):
     backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled before each next one.")
 
 
+class TrackConfig(_Section):
+    """Where a run's numbers go (opdlab.tracking): metrics.jsonl always, and any of TensorBoard, Weights & Biases,
+    trackio and MLflow (through accelerate's tracker classes), each sent the resolved config, the metrics of every
+    step, the sample rollouts as a table and, at the end, the training-curve plot."""
+
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        ["jsonl", "tensorboard"], description=(
+            "Trackers: 'jsonl' (metrics.jsonl, samples.jsonl: the run directory's own record, always on), "
+            "'tensorboard' (RUN_DIR/tensorboard), 'wandb', 'trackio', 'mlflow' (each needs its package: "
+            "`pip install -r requirements-trackers.txt`)."))
+    project: str = Field("opdlab", description="Project (wandb, trackio) or experiment (mlflow) name.")
+    run_name: str | None = Field(None, description="The run's name in the trackers; None = the run directory's name.")
+    tags: list[str] = Field([], description="Tags of the run (wandb; mlflow: tags with empty values).")
+    offline: bool = Field(True, description=(
+        "Keep tracker data on this machine: wandb in offline mode under RUN_DIR/wandb (`wandb sync` uploads it), "
+        "mlflow in a file store under RUN_DIR/mlruns, trackio in its local store. false: wandb online (WANDB_* "
+        "settings), mlflow at MLFLOW_TRACKING_URI, trackio as its TRACKIO_* settings say."))
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        if "jsonl" not in v:
+            raise ValueError("must include 'jsonl': metrics.jsonl is the run's own record, which --resume, "
+                             "`opdlab report` and `opdlab compare` read")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a tracker twice: {v}")
+        return v
+
+
 class RunConfig(_Section):
     """A training run."""
 
@@ -426,6 +482,8 @@ class RunConfig(_Section):
         "Privileged teacher contexts (oracle traces) and self-teachers."))
     remote_teacher: RemoteTeacherConfig = Field(default_factory=RemoteTeacherConfig, description=(
         "A teacher served over HTTP instead of loaded here (remote_teacher.url)."))
+    track: TrackConfig = Field(default_factory=TrackConfig, description=(
+        "Experiment trackers: jsonl, TensorBoard, wandb, trackio, mlflow."))
     run_dir: str = Field("runs/opd", description="Where metrics, checkpoints and samples are written.")
     device: str = Field("auto", description=(
         "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ... Under `accelerate launch` with "
@@ -439,6 +497,15 @@ class RunConfig(_Section):
                 f"small updates round away (at lr 1e-6, 2% of a bf16 layer's weights move in 10 steps, against "
                 f"99.99% in fp32). Set student.dtype=auto (fp32 master weights) with train.precision=bf16-mixed "
                 f"(or auto) for bf16 speed, or train adapters on a 16-bit base with student.lora.r > 0")
+        if self.objective.reward_weight > 0 and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"objective.reward_weight={self.objective.reward_weight} normalises each rollout's "
+                             f"reward within its prompt's group of samples: it needs rollout.samples_per_prompt >= 2 "
+                             f"(got {self.rollout.samples_per_prompt}); 4 to 16 is usual")
+        t = self.teacher
+        if self.remote_teacher.url and (t.system_prompt is not None or t.chat_template or t.chat_template_kwargs):
+            raise ValueError("teacher.system_prompt / chat_template / chat_template_kwargs format the prompt of a "
+                             "teacher loaded here; a served teacher (remote_teacher.url) scores the student's own "
+                             "prompt tokens: set them on the student, or drop them")
         if self.privileged.teacher == "lora_base" and not self.student.lora.r:
             raise ValueError("privileged.teacher=lora_base is the student's base model with its adapters "
                              "disabled: it needs a LoRA student (student.lora.r > 0)")
@@ -465,7 +532,7 @@ RENAMED = {
     **{f"task.{k}": f"task.arithmetic.{k}" for k in ("min_steps", "max_steps", "max_value", "shortcut_frac")},
     **{f"task.{k}": f"task.file.{k}" for k in ("train_path", "test_path", "question_field", "answer_field",
                                                "solution_field")},
-    **{f"task.gym_{k}": f"task.gym.{k}" for k in ("name", "train_size", "threshold")},
+    **{f"task.gym_{k}": f"task.gym.{k}" for k in ("name", "train_size", "threshold", "config")},
 }
 
 
@@ -498,17 +565,24 @@ def _section_at(model: type[BaseModel] | None, path) -> type[BaseModel] | None:
     return model
 
 
-def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None,
+                             overrides: list[str] = ()) -> str:
+    """One line per error, with the field, the message and the value; an error in a field that an override set
+    names that override (the others come from `source`, the file or the defaults)."""
+    by_key = {item.split("=", 1)[0]: item for item in overrides if "=" in item}
+    lines = [f"invalid configuration ({source}{' + overrides' if by_key else ''}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        # the override that set this field or a section above it (the last one given wins, as in apply_overrides)
+        origin = next((item for key, item in reversed(by_key.items())
+                       if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")), None)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = _section_at(model, e["loc"][:-1])
             msg = "unknown field" + (f"; allowed here: {', '.join(_fields(section))}" if section else "")
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
+        lines.append(f"  {loc}: {msg}{shown}" + (f", from override {origin!r}" if origin else ""))
     return "\n".join(lines)
 
 
@@ -600,7 +674,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source, model)) from None
+        raise ConfigError(_format_validation_error(e, source, model, list(overrides or []))) from None
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
@@ -613,6 +687,9 @@ def _type_name(ann) -> str:
         return "one of: " + ", ".join(str(v) for v in get_args(ann))
     if get_origin(ann) in (Union, UnionType):
         return " | ".join(_type_name(a) for a in get_args(ann))
+    if get_origin(ann) is list and get_args(ann):  # list[Literal[...]]: 'list of (one of: a, b)'
+        inner = _type_name(get_args(ann)[0])
+        return f"list of ({inner})" if " " in inner else f"list of {inner}"
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 

@@ -51,7 +51,7 @@ from opdlab.types import Problem, Rollouts
 
 # A reward at or above this counts as a correct sample for pass@k.
 CORRECT_THRESHOLD = 1.0
-# Per-problem records keep the first sample's text for this many problems (enough to eyeball, small on disk).
+# Per-problem records keep the texts of all k samples for this many problems (enough to eyeball, small on disk).
 DEFAULT_KEEP_TEXTS = 8
 
 
@@ -93,13 +93,14 @@ class LengthBucket:
 
 @dataclass
 class ProblemRecord:
-    """The k samples of one problem: reward, length and truncation of each; the first sample's text if kept."""
+    """The k samples of one problem: reward, length and truncation of each, and where kept the text of each (one
+    list index per sample throughout)."""
 
     uid: str
     rewards: list[float]
     lengths: list[int]
     truncated: list[bool]
-    text: str | None = None
+    texts: list[str] | None = None
 
     @property
     def num_correct(self) -> int:
@@ -159,7 +160,7 @@ class EvalResult:
     def from_dict(cls, data: dict[str, Any]) -> "EvalResult":
         data = dict(data)
         data["buckets"] = [LengthBucket(**b) for b in data["buckets"]]
-        data["records"] = [ProblemRecord(**r) for r in data["records"]]
+        data["records"] = [ProblemRecord(**_renamed_text(r)) for r in data["records"]]
         return cls(**data)
 
     @classmethod
@@ -273,7 +274,7 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
     """Sample `cfg.k` completions for each of the first `cfg.num_problems` problems of `split` and score them.
 
     The model is put in eval mode and restored afterwards; `vocab_size` drops padded logit rows (see
-    `models.check_compatible`). `keep_texts`: keep the first sample's text for this many problems.
+    `models.check_compatible`). `keep_texts`: keep every sample's text for this many problems.
     """
     start = time.perf_counter()
     buckets = make_buckets(cfg.length_buckets)  # fail on bad edges before spending time sampling
@@ -289,7 +290,6 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
     rewards = [[] for _ in problems]
     lengths = [[] for _ in problems]
     truncated = [[] for _ in problems]
-    texts: list[str | None] = [None] * len(problems)
     all_texts: list[str] = [""] * len(flat)  # every sample's text, for the hindsight diagnostics
 
     was_training = model.training
@@ -305,9 +305,7 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
                 lens, truncs = _lengths_and_truncation(rollouts, stops, cfg.max_new_tokens)
                 all_texts[lo:lo + len(chunk)] = rollouts.texts
                 graded = task.verify_batch([p for _, p in chunk], rollouts.texts)
-                for (i, p), text, n, t, r in zip(chunk, rollouts.texts, lens, truncs, graded, strict=True):
-                    if texts[i] is None and i < keep_texts:
-                        texts[i] = text
+                for (i, p), n, t, r in zip(chunk, lens, truncs, graded, strict=True):
                     rewards[i].append(float(r))
                     lengths[i].append(int(n))
                     truncated[i].append(bool(t))
@@ -315,8 +313,10 @@ def evaluate(model, tokenizer, task: Task, cfg: EvalConfig, *, seed: int = 0, vo
     finally:
         model.train(was_training)
 
+    k = cfg.k  # flat index j is sample j % k of problem j // k
     records = [ProblemRecord(uid=p.uid, rewards=rewards[i], lengths=lengths[i], truncated=truncated[i],
-                             text=texts[i]) for i, p in enumerate(problems)]
+                             texts=all_texts[i * k:(i + 1) * k] if i < keep_texts else None)
+               for i, p in enumerate(problems)]
     all_rewards = [r for rec in records for r in rec.rewards]
     all_lengths = [n for rec in records for n in rec.lengths]
     fill_buckets(buckets, all_lengths, all_rewards)
@@ -347,6 +347,15 @@ def evaluate_model(model_cfg: ModelConfig, task: Task, cfg: EvalConfig, *, devic
 _EXTRA_NAMES = {"leak/shortcut_rate": "shortcut_rate", "leak/events_per_rollout": "shortcut_events_per_rollout",
                 "drift/step_err_first_quarter": "step_err_first_quarter",
                 "drift/step_err_last_quarter": "step_err_last_quarter"}
+
+
+def _renamed_text(record: dict) -> dict:
+    """A record as saved before records held every sample's text ('text': the first sample's) in today's form."""
+    if "text" not in record:
+        return record
+    record = dict(record)
+    text = record.pop("text")
+    return {**record, "texts": None if text is None else [text]}
 
 
 def task_extra(task: Task, problems: list[Problem], texts: list[str]) -> dict[str, float]:

@@ -26,16 +26,16 @@ from opdlab.diagnostics.fidelity.measure import FidelityProbe
 from opdlab.distributed import PreparedStudent, StudentDecoder, fsdp_units, make_accelerator
 from opdlab.models.loading import check_compatible, load_model
 from opdlab.models.logprobs import student_forward
-from opdlab.models.prompts import stop_token_ids
-from opdlab.objectives import Objective, get_objective
-from opdlab.rollout.masking import masked_token_ids
+from opdlab.models.prompts import check_completion_agreement, stop_token_ids
+from opdlab.objectives import Objective, check_objective
+from opdlab.rollout.masking import masked_token_ids, special_token_ids
 from opdlab.rollout.samplers import Sampler, make_sampler
 from opdlab.runtime import autocast, make_scheduler, resolve_device, seed_everything
 from opdlab.tasks import Task, make_task
 from opdlab.tasks.base import ProblemStream
 from opdlab.teacher.remote import connect_teacher
 from opdlab.teacher.self_teacher import EMATeacher, make_teacher
-from opdlab.tracking import MetricsLogger
+from opdlab.tracking import MetricsLogger, check_trackers
 from opdlab.types import Rollouts, StudentOutputs, TeacherRequest
 
 
@@ -47,7 +47,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     """A run's config from YAML + dotted overrides (`opdlab.config.load_config`), with its objective's name checked
     against the objective table: every problem with the config is a `ConfigError` before anything is computed."""
     cfg = load_config(path, overrides, RunConfig)
-    get_objective(cfg.objective.name)
+    check_objective(cfg.objective)
+    check_trackers(cfg.track)
     return cfg
 
 
@@ -64,6 +65,7 @@ class Run:
     main: bool  # the process that logs and writes checkpoints
     student: torch.nn.Module
     tokenizer: object
+    teacher_tokenizer: object  # the student's, unless the teacher was loaded with a prompt format of its own
     prepared: torch.nn.Module  # the student's decoder inside the DDP / FSDP wrapper (or as it is, in one process)
     teacher: object  # a model, or a RemoteTeacher
     ema_teacher: EMATeacher | None
@@ -106,7 +108,7 @@ def _load_teacher(cfg: RunConfig, student, tokenizer, device):
     if cfg.remote_teacher.url:  # served over HTTP (opdlab serve-teacher, vLLM): never loaded here
         return connect_teacher(cfg), None, tokenizer
     if cfg.privileged.teacher == "external":
-        teacher, teacher_tokenizer = load_model(cfg.teacher, device, precision=cfg.train.precision)
+        teacher, teacher_tokenizer = load_model(cfg.teacher, device, precision=cfg.train.precision, name="teacher")
         return teacher, None, teacher_tokenizer
     teacher, ema_teacher = make_teacher(cfg.privileged, student, cfg.train.precision)
     return teacher, ema_teacher, tokenizer
@@ -114,6 +116,8 @@ def _load_teacher(cfg: RunConfig, student, tokenizer, device):
 
 def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     """Everything a run needs, in this process; with `resume`, restored from the latest checkpoint."""
+    check_objective(cfg.objective)
+    check_trackers(cfg.track)
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     if not resume and latest_checkpoint(ckpt_root) is not None:
@@ -130,16 +134,22 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     precision = cfg.train.precision  # resolved by `opdlab.train.resolve_defaults`
     if main:
         print(f"precision: {precision}; student on {device}", file=sys.stderr, flush=True)
-    student, tokenizer = load_model(cfg.student, device, trainable=True, precision=precision)
+    student, tokenizer = load_model(cfg.student, device, trainable=True, precision=precision, name="student")
     if cfg.train.gradient_checkpointing:  # sampling runs in eval mode, where transformers keeps the KV cache
         student.activation_checkpointing_enable()
     teacher, ema_teacher, teacher_tokenizer = _load_teacher(cfg, student, tokenizer, device)
     pairing = check_compatible(student, tokenizer, student if cfg.remote_teacher.url else teacher, teacher_tokenizer)
     task = make_task(cfg.task)
-    objective = get_objective(cfg.objective.name)
+    objective = check_objective(cfg.objective)
+    train_problems = task.problems("train")
+    # the two chat templates must render a completion alike (up to special tokens, which are then masked)
+    probe = train_problems[0] if len(train_problems) else None
+    templates_agree = probe is None or check_completion_agreement(
+        tokenizer, teacher_tokenizer, probe.question, task.target(probe),
+        special_token_ids(tokenizer) | special_token_ids(teacher_tokenizer) if cfg.objective.auto_mask else set())
     masked_ids = masked_token_ids(tokenizer, teacher_tokenizer, cfg.objective.mask_tokens, cfg.objective.auto_mask,
-                                  keep=stop_token_ids(student, tokenizer))
-    stream = ProblemStream(task.problems("train"), seed=cfg.task.seed)
+                                  keep=stop_token_ids(student, tokenizer), templates_agree=templates_agree)
+    stream = ProblemStream(train_problems, seed=cfg.task.seed)
     trained = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's adapters alone
     optimizer = torch.optim.AdamW(trained, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
@@ -168,14 +178,16 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
                          "the student's state_dict, which FSDP holds in shards. Use DDP (`accelerate launch "
                          "--multi_gpu`) with vLLM, or the built-in sampler (rollout.backend=builtin) with FSDP")
     sampler = make_sampler(cfg.rollout, student, tokenizer, pairing.vocab_size, cfg.student.path)
-    logger = MetricsLogger(run_dir, start_step=start_step) if main else None
+    logger = MetricsLogger(run_dir, start_step=start_step, track=cfg.track,
+                           config=cfg.model_dump(mode="json", by_alias=True)) if main else None
     fidelity_probe = None  # supervision fidelity decay on the current student's prefixes (opdlab.diagnostics)
     if cfg.train.fidelity_every and main:
         fidelity_probe = FidelityProbe(teacher, tokenizer, task, cfg.fidelity, run_dir=run_dir, seed=cfg.train.seed,
                                        vocab_size=pairing.vocab_size, chunk_size=cfg.scoring.chunk_size,
                                        start_step=start_step)
     return Run(cfg=cfg, run_dir=run_dir, ckpt_root=ckpt_root, accelerator=accelerator, device=device, main=main,
-               student=student, tokenizer=tokenizer, prepared=prepared, teacher=teacher, ema_teacher=ema_teacher,
+               student=student, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, prepared=prepared,
+               teacher=teacher, ema_teacher=ema_teacher,
                vocab_size=pairing.vocab_size, task=task, objective=objective,
                teacher_request=objective.teacher_request(cfg.objective), masked_ids=masked_ids, stream=stream,
                optimizer=optimizer, scheduler=scheduler, generator=generator, sampler=sampler, logger=logger,

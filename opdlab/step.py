@@ -1,6 +1,7 @@
 """The stages of a training step, one helper each; `opdlab.train` calls them in order.
 
     problems, rollouts, on_policy = sample_rollouts(run, step)   # 1. the student's rollouts (or GKD's references)
+    rollouts = with_rewards(run, rollouts, rewards, on_policy)   #    their group-normalised task rewards
     scores = score_rollouts(run, rollouts)                       # 2. the teacher's view of every sampled token
     totals = accumulate_gradients(run, rollouts, scores)         # 3. loss.backward() per micro-batch
     grad_norm = apply_update(run, totals.loss, step)             #    the guarded optimizer step
@@ -15,13 +16,14 @@ processes in one exchange.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from opdlab.distributed import full_params, global_sum, loss_scale, row_seeds, shard, sum_dicts
 from opdlab.evaluate import evaluate
+from opdlab.objectives.common import group_normalised_rewards
 from opdlab.rollout.builtin import reference_rollouts
 from opdlab.rollout.masking import with_loss_mask
 from opdlab.run import Run, TrainingError
@@ -53,24 +55,42 @@ def sample_rollouts(run: Run, step: int) -> tuple[list[Problem], Rollouts, bool]
     return problems, with_loss_mask(rollouts, run.masked_ids), on_policy
 
 
+def with_rewards(run: Run, rollouts: Rollouts, rewards: list[float], on_policy: bool) -> Rollouts:
+    """The rollouts with their task rewards normalised within each prompt's group of `rollout.samples_per_prompt`
+    rows (`Rollouts.reward_advantage_B`, GRPO's advantage) when `objective.reward_weight` > 0; a prompt's rows are
+    consecutive and on one process. On GKD's reference-response steps the term is 0: those are not samples of the
+    student, and a policy gradient on them would be off-policy."""
+    cfg = run.cfg
+    if not cfg.objective.reward_weight:
+        return rollouts
+    rewards_B = torch.tensor(rewards, dtype=torch.float32, device=run.device)
+    adv_B = group_normalised_rewards(rewards_B, cfg.rollout.samples_per_prompt, cfg.objective.reward_norm) \
+        if on_policy else torch.zeros_like(rewards_B)
+    return replace(rollouts, reward_advantage_B=adv_B)
+
+
 def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
     """The teacher's scores of every sampled token, plus what the objective asked for (top-K, hidden states, the
-    lookahead candidates' rewards). On the student's own prompt by default; under `privileged.view`, or both views of
-    the oracle trace in one pass when the objective asks for them (`opdlab.teacher.views`). A full-vocabulary
-    objective computes the teacher's token statistics at the loss positions itself, from the logits it makes
-    there anyway; `accumulate_gradients` writes them into the scores (`TeacherScores.fill_pending`). The lookahead
-    objective has the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
+    lookahead candidates' rewards). On the student's own prompt by default (the teacher's own rendering of it where
+    the teacher has a prompt format of its own); under `privileged.view`, or both views of the oracle trace in one
+    pass when the objective asks for them (`opdlab.teacher.views`). A full-vocabulary objective computes the
+    teacher's token statistics at the loss positions itself, from the logits it makes there anyway;
+    `accumulate_gradients` writes them into the scores (`TeacherScores.fill_pending`). The lookahead objective has
+    the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
     cfg, request = run.cfg, run.teacher_request
     kwargs = dict(top_k=max(cfg.scoring.top_k, request.top_k), chunk_size=cfg.scoring.chunk_size,
                   keep_hidden=request.hidden, lookahead=request.lookahead,
                   student=run.student if request.lookahead is not None else None)
     views = ("full", "partial") if request.both_views else (cfg.privileged.view,)
+    # a teacher with a prompt format of its own (system prompt, template, template variables) gets its own prompt
+    own_prompt = run.teacher_tokenizer.chat_template != run.tokenizer.chat_template
     with full_params(run.prepared, enabled=request.lookahead is not None), run.autocast():
-        if views == ("none",):
+        if views == ("none",) and not own_prompt:
             if request.stats_from_objective and kwargs["top_k"] == 0 and isinstance(run.teacher, torch.nn.Module):
                 kwargs["pending_B_T"] = rollouts.loss_mask_B_T  # the objective makes those logits anyway
             return score(run.teacher, rollouts, run.vocab_size, **kwargs)
-        return score_views(run.teacher, run.tokenizer, rollouts, views, cfg.privileged, run.vocab_size, **kwargs)
+        return score_views(run.teacher, run.teacher_tokenizer, rollouts, views, cfg.privileged, run.vocab_size,
+                           own_prompt=own_prompt, **kwargs)
 
 
 def micro_batches(n: int, size: int | None) -> list[slice]:
@@ -166,6 +186,9 @@ def step_metrics(run: Run, totals: StepTotals, counts: dict[str, float], *, on_p
     return {
         "train/loss": totals.loss, **totals.metrics,
         **({"train/reward": counts["reward"] / rows} if on_policy else {}),  # GKD's reference responses: none
+        **({"train/reward_group_std": counts["reward_group_std"] / counts["reward_groups"],
+            "train/reward_flat_frac": counts["reward_flat_groups"] / counts["reward_groups"]}
+           if on_policy and counts.get("reward_groups") else {}),
         "train/on_policy": float(on_policy),
         "train/response_len": tokens / rows,
         "train/masked_frac": 1.0 - counts["loss_tokens"] / max(tokens, 1),
@@ -180,10 +203,18 @@ def step_metrics(run: Run, totals: StepTotals, counts: dict[str, float], *, on_p
     }
 
 
-def batch_counts(rollouts: Rollouts, rewards: list[float], scores: TeacherScores) -> dict[str, float]:
-    """This process's sums for the step's batch means (rows, reward, tokens, the teacher's entropy and max-p)."""
+def batch_counts(rollouts: Rollouts, rewards: list[float], scores: TeacherScores, group_size: int = 1
+                 ) -> dict[str, float]:
+    """This process's sums for the step's batch means (rows, reward, tokens, the teacher's entropy and max-p); with
+    several samples per prompt (`group_size`), the groups' reward std (1/(n-1)) and the count of groups whose
+    rewards are all equal, which give a group-normalised reward term nothing to learn from."""
     mask_B_T = rollouts.completion_mask_B_T.bool()
-    return {"rows": len(rollouts.problems), "reward": sum(rewards), "tokens": rollouts.num_tokens,
+    groups = {}
+    if group_size > 1 and rewards:
+        r_G_N = torch.tensor(rewards, dtype=torch.float64).reshape(-1, group_size)
+        groups = {"reward_groups": r_G_N.shape[0], "reward_group_std": r_G_N.std(-1).sum().item(),
+                  "reward_flat_groups": (r_G_N == r_G_N[:, :1]).all(-1).sum().item()}
+    return {**groups, "rows": len(rollouts.problems), "reward": sum(rewards), "tokens": rollouts.num_tokens,
             "loss_tokens": rollouts.num_loss_tokens, "teacher_entropy": scores.entropy_B_T[mask_B_T].sum().item(),
             "teacher_maxp": scores.maxp_B_T[mask_B_T].sum().item()}
 

@@ -26,7 +26,7 @@ from opdlab.objectives import get_objective
 from opdlab.run import TrainingError, build_run
 from opdlab.runtime import resolve_device, resolve_precision
 from opdlab.step import (accumulate_gradients, apply_update, batch_counts, evaluate_and_probe, sample_rollouts,
-                         score_rollouts, step_metrics)
+                         score_rollouts, step_metrics, with_rewards)
 
 __all__ = ["TrainingError", "resolve_defaults", "train"]
 
@@ -57,13 +57,15 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         # 1. rollouts from the current student (or, for GKD's off-policy share, the task's reference responses)
         problems, rollouts, on_policy = sample_rollouts(run, step)
         rewards = run.task.verify_batch(problems, rollouts.texts)
+        rollouts = with_rewards(run, rollouts, rewards, on_policy)  # group-normalised, for objective.reward_weight
         t1 = time.perf_counter()
         # 2. the teacher's view of every sampled token, plus what the objective asked for
         scores = score_rollouts(run, rollouts)
         t2 = time.perf_counter()
         # 3. loss and update, normalised by the loss-token count of the whole batch
         totals = accumulate_gradients(run, rollouts, scores)
-        totals, counts = totals.reduce(run.accelerator, batch_counts(rollouts, rewards, scores))
+        totals, counts = totals.reduce(run.accelerator, batch_counts(rollouts, rewards, scores,
+                                                                     cfg.rollout.samples_per_prompt))
         grad_norm = apply_update(run, totals.loss, step)
         t3 = time.perf_counter()
 

@@ -35,7 +35,10 @@ class Rollouts:
     that objectives learn from and normalise by (special-token masking, `opdlab.rollout.masking`); it defaults to the
     completion mask. `logp_old_B_T` is the sampling policy's log-probability of each sampled token at temperature 1
     without truncation (log pi_old in docs/methods.md#notation); `sampler_logp_B_T` is the log-probability under the
-    distribution actually sampled from (after temperature and top-p), kept for diagnostics.
+    distribution actually sampled from (after temperature and top-p), kept for diagnostics. `reward_advantage_B` is
+    each rollout's task reward normalised within its prompt's group of samples (GRPO's advantage,
+    `opdlab.objectives.common.group_normalised_rewards`); the training loop sets it when `objective.reward_weight`
+    > 0, and the sampled-token objectives add `reward_weight` times it to every token's advantage.
     """
 
     prompt_ids_B_P: torch.Tensor
@@ -47,6 +50,7 @@ class Rollouts:
     problems: list[Problem]
     texts: list[str]
     loss_mask_B_T: torch.Tensor | None = None
+    reward_advantage_B: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.loss_mask_B_T is None:

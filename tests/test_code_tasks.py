@@ -259,5 +259,5 @@ def test_opdlab_eval_on_code_problems_with_a_real_model():
     problems = task.problems("test")
     for rec, p in zip(result.records, problems):
         assert len(rec.rewards) == 2 and all(0.0 <= r <= 1.0 for r in rec.rewards)
-        assert rec.rewards[0] == task.verify(p, rec.text)  # the first sample regraded on its own
+        assert rec.rewards == [task.verify(p, t) for t in rec.texts]  # each sample regraded on its own
     task.close()

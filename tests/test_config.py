@@ -13,10 +13,11 @@ from opdlab.run import load_run_config
 
 
 def flat_leaves(d: dict, prefix: str = "") -> dict:
-    """Dotted leaf names of a nested dict (the independent enumeration of config fields)."""
+    """Dotted leaf names of a nested dict (the independent enumeration of config fields); an empty dict is a leaf
+    (a mapping field such as chat_template_kwargs)."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(flat_leaves(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

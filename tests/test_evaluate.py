@@ -136,11 +136,18 @@ def test_evaluate_numbers_recomputed_from_lengths(tokenizer):
         rewards += rec.rewards
         lengths += rec.lengths
         truncs += rec.truncated
-    # The first sample's text is kept for the first keep_texts problems only, and matches its length.
+    # Every sample's text is kept for the first keep_texts problems only, each matching its own length.
     for rec in res.records[:3]:
-        chars = rec.lengths[0] - (0 if rec.truncated[0] else 1)
-        assert rec.text == "a" * chars
-    assert all(rec.text is None for rec in res.records[3:])
+        assert len(rec.texts) == 4
+        for text, length, trunc in zip(rec.texts, rec.lengths, rec.truncated):
+            assert text == "a" * (length - (0 if trunc else 1))
+    assert all(rec.texts is None for rec in res.records[3:])
+    # a result saved while records held the first sample's text alone still loads
+    old = json.loads(res.to_json())
+    old["records"] = [{**{k: v for k, v in r.items() if k != "texts"}, "text": r["texts"][0] if r["texts"] else None}
+                      for r in old["records"]]
+    loaded = EvalResult.from_dict(old)
+    assert loaded.records[0].texts == res.records[0].texts[:1] and loaded.records[5].texts is None
 
     assert res.mean_at_k == pytest.approx(sum(rewards) / len(rewards))
     correct = [sum(r >= 1 for r in rec.rewards) for rec in res.records]
@@ -225,10 +232,10 @@ def test_evaluate_tiny_llama(tokenizer):
     assert res.mean_at_k == pytest.approx(sum(r for _, _, r in task.calls) / len(task.calls))
     assert sum(b.count for b in res.buckets) == 6 * 3
     assert all(1 <= n <= 12 for rec in res.records for n in rec.lengths)
-    first_texts = {}
+    texts = {}
     for uid, text, _ in task.calls:
-        first_texts.setdefault(uid, text)
-    assert [rec.text for rec in res.records] == [first_texts[u] for u in uids]
+        texts.setdefault(uid, []).append(text)
+    assert [rec.texts for rec in res.records] == [texts[u] for u in uids]  # every sample's text, in order
 
     # Same seed, same everything; another seed samples differently.
     again = evaluate(model, tokenizer, RecordingTask(model), cfg, seed=0, progress=False)

@@ -190,7 +190,7 @@ def test_eval_reports_the_shortcut_rate(tokenizer, student_model):
     texts = sample(student_model, tokenizer, flat, max_new_tokens=16, generator=g).texts
     expected = sum(bool(shortcut_events(p, t)) for p, t in zip(flat, texts)) / len(flat)
     assert result.extra["shortcut_rate"] == pytest.approx(expected)
-    assert result.records[0].text == texts[0]
+    assert result.records[0].texts == texts[:2]
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -376,6 +376,16 @@ def test_make_task(tmp_path):
     gym = make_task(TaskConfig(name="reasoning_gym", test_size=4, gym={"name": "chain_sum", "train_size": 30}))
     assert isinstance(gym, GymTask) and len(gym.problems("train")) == 30
     assert isinstance(gym.problems("test")[0], Problem)
+    # task.gym.config reaches the generator: the same questions as GymTask given the settings directly
+    config = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    small = make_task(TaskConfig(name="reasoning_gym", test_size=4,
+                                 gym={"name": "basic_arithmetic", "train_size": 20, "config": config}))
+    direct = GymTask("basic_arithmetic", train_size=20, test_size=4, gym_config=config)
+    assert [p.question for p in small.problems("train")] == [p.question for p in direct.problems("train")]
+    assert [p.question for p in small.problems("train")] != \
+        [p.question for p in GymTask("basic_arithmetic", train_size=20, test_size=4).problems("train")]
+    with pytest.raises(ValueError, match="rejected its settings"):
+        make_task(TaskConfig(name="reasoning_gym", gym={"name": "basic_arithmetic", "config": {"min_termz": 2}}))
 
 
 def test_words_style_tells_the_same_chain_and_checks_out():

@@ -280,6 +280,37 @@ def test_cli_bad_override_exits_2(override, field, capsys, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_cli_train_without_a_config_says_what_to_give(capsys):
+    assert cli.main(["train"]) == 2
+    assert "train: a config is required: a YAML file" in capsys.readouterr().err
+    assert cli.main(["train", "train.lr=1"]) == 2
+    assert "got the override 'train.lr=1': write `opdlab train - train.lr=1 ...`" in capsys.readouterr().err
+
+
+def test_cli_bad_override_is_reported_as_the_override(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {lr: -1}\n")
+    assert cli.main(["train", str(config), "student.dtype=fp32", f"run_dir={tmp_path / 'never'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration ({config} + overrides):" in err
+    assert "student.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp32'), from override " \
+           "'student.dtype=fp32'" in err
+    assert "train.lr: Input should be greater than 0 (got -1)\n" in err  # from the file: no override named
+    assert cli.main(["train", "-", "train.lr=-2"]) == 2
+    assert "invalid configuration (defaults + overrides):\n  train.lr: Input should be greater than 0 (got -2), " \
+           "from override 'train.lr=-2'" in capsys.readouterr().err
+
+
+def test_cli_turns_off_transformers_progress_bars():
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.enable_progress_bar()
+    try:
+        assert cli.main(["objectives"]) == 0
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_learning_rate_schedule_with_a_floor(schedule):
     from opdlab.config import TrainConfig

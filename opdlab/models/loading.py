@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from opdlab.config import ModelConfig
 from opdlab.models.lora import add_adapters, is_adapter_dir, load_merged
+from opdlab.models.prompts import apply_prompt_format
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -110,13 +111,15 @@ def load_tokenizer(path: str):
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu", trainable: bool = False,
-               precision: str = "fp32"):
+               precision: str = "fp32", name: str = "model"):
     """(model, tokenizer) for a local directory, hub id or 'builtin:NAME', in `resolve_dtype`'s dtype. A directory of
     LoRA adapters (a LoRA run's checkpoint) loads as its base with the adapters merged in. With `trainable` and
-    `cfg.lora.r > 0` (a `StudentConfig`) the model is the frozen base with trainable adapters (`opdlab.models.lora`)."""
+    `cfg.lora.r > 0` (a `StudentConfig`) the model is the frozen base with trainable adapters (`opdlab.models.lora`).
+    The tokenizer carries `cfg`'s prompt format (`opdlab.models.prompts.apply_prompt_format`; errors name the
+    config section `name`), applied before any weights load."""
     path = resolve_path(cfg.path)
     check_local(path)
-    tokenizer = load_tokenizer(cfg.path)
+    tokenizer = apply_prompt_format(load_tokenizer(cfg.path), cfg, name)
     lora = getattr(cfg, "lora", None)
     adapters = trainable and lora is not None and lora.r > 0
     dtype = resolve_dtype(cfg, trainable and not adapters, precision)  # adapters: the base is frozen

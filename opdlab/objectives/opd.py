@@ -10,6 +10,11 @@ whose gradient, in expectation over y ~ pi_theta (and pi_old = pi_theta), is the
 reverse KL(pi_theta || pi_T). With `clip_eps` set, the ratio is PPO-clipped. Sums and the token count run over
 `Rollouts.loss_mask_B_T` (completion tokens minus masked special tokens).
 
+With `objective.reward_weight` w > 0 the task reward joins the advantage, A_t = -kappa * rkl_t + w * A_i, where
+A_i is rollout i's reward normalised within its prompt's group (GRPO; `Rollouts.reward_advantage_B`); with kappa = 0
+the loss is then GRPO's token-level policy gradient, -sum_i A_i sum_t ratio_t / n. `train/reward_share` is
+sum |w A_i| / (sum |teacher term| + sum |w A_i|) over loss tokens.
+
 Diagnostics: those of `opdlab.objectives.common`; the support/* ones (S = the teacher's top-K from its scores) apply
 the student's output layer to its detached hidden states chunk by chunk (no extra forward pass through the model).
 """
@@ -18,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from opdlab.config import ObjectiveConfig
-from opdlab.objectives.common import mean_stats, student_support_stats, to_floats, token_metrics
+from opdlab.objectives.common import mean_stats, reward_share, reward_term, student_support_stats, to_floats, \
+    token_metrics
 from opdlab.types import ObjectiveOutput, Rollouts, StudentOutputs, TeacherScores
 
 
@@ -42,6 +48,9 @@ def sampled_token_opd(rollouts: Rollouts, student: StudentOutputs, teacher: Teac
     n_tokens = mask_B_T.sum().clamp(min=1.0)
     rkl_B_T = (rollouts.logp_old_B_T - teacher.logp_B_T) * mask_B_T
     advantage_B_T = -cfg.kl_coef * discounted_future_sum(rkl_B_T, mask_B_T, cfg.discount)
+    reward_B_T = reward_term(rollouts, cfg, mask_B_T)
+    if reward_B_T is not None:
+        teacher_advantage_B_T, advantage_B_T = advantage_B_T, advantage_B_T + reward_B_T
     ratio_B_T = torch.exp(student.logp_B_T - rollouts.logp_old_B_T) * mask_B_T
     objective_B_T = ratio_B_T * advantage_B_T
     if cfg.clip_eps is not None:
@@ -57,4 +66,6 @@ def sampled_token_opd(rollouts: Rollouts, student: StudentOutputs, teacher: Teac
             **mean_stats(student_support_stats(student, loss_mask_B_T, teacher,
                                                rollouts.completion_ids_B_T[loss_mask_B_T], cfg.support_k)),
         }
+        if reward_B_T is not None:
+            metrics["train/reward_share"] = reward_share(teacher_advantage_B_T, reward_B_T, mask_B_T)
     return ObjectiveOutput(loss=loss, metrics=to_floats(metrics))

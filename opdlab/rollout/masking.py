@@ -97,12 +97,16 @@ def token_ids_of(tokenizer, tokens: list[str]) -> set[int]:
 
 
 def masked_token_ids(student_tokenizer, teacher_tokenizer, mask_tokens: list[str], auto_mask: bool,
-                     keep: list[int] = ()) -> list[int]:
+                     keep: list[int] = (), templates_agree: bool | None = None) -> list[int]:
     """The sorted ids excluded from the loss (see the module docstring); `keep` (stop tokens) is exempt from the
-    automatic part only."""
+    automatic part only. `templates_agree`: whether the two chat templates render completions alike
+    (`opdlab.models.prompts.check_completion_agreement`), which then decides instead of comparing the templates'
+    text (two templates that differ only in a system prompt or the generation prompt mask nothing)."""
     auto: set[int] = set()
     if auto_mask:
-        if template_mismatch(student_tokenizer, teacher_tokenizer):
+        mismatch = template_mismatch(student_tokenizer, teacher_tokenizer) if templates_agree is None else \
+            special_token_ids(student_tokenizer) != special_token_ids(teacher_tokenizer) or not templates_agree
+        if mismatch:
             auto = special_token_ids(student_tokenizer) | special_token_ids(teacher_tokenizer)
         auto |= mismatched_token_ids(student_tokenizer, teacher_tokenizer)
         auto -= set(keep)

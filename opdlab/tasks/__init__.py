@@ -26,11 +26,12 @@ def make_task(cfg: TaskConfig) -> Task:
     if cfg.name == "file":
         f = cfg.file
         return FileTask(f.train_path, f.test_path, question_field=f.question_field, answer_field=f.answer_field,
-                        solution_field=f.solution_field, seed=cfg.seed, test_size=cfg.test_size)
+                        solution_field=f.solution_field, seed=cfg.seed, test_size=cfg.test_size,
+                        train_split=f.train_split, test_split=f.test_split)
     if cfg.name == "reasoning_gym":
         g = cfg.gym
         return GymTask(g.name, train_size=g.train_size, test_size=cfg.test_size, seed=cfg.seed,
-                       threshold=g.threshold)
+                       threshold=g.threshold, gym_config=g.config)
     if cfg.name == "code":
         c = cfg.code
         limits = Limits(wall_s=c.timeout_s, cpu_s=c.cpu_s, memory_mb=c.memory_mb, processes=c.processes,

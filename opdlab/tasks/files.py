@@ -4,7 +4,11 @@
 
 * JSON Lines (`.jsonl`, `.ndjson`; a `.json` file is read as JSON Lines unless it holds one JSON array of objects),
 * Parquet (`.parquet`),
-* a directory written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` whose split is chosen by name).
+* a directory written by `datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` whose split is chosen by name),
+* `hf://NAME[:CONFIG]`: whatever `datasets.load_dataset(NAME, CONFIG, split=...)` loads, a hub id (`hf://openai/gsm8k:main`,
+  from the hub or its local cache) or a local folder of data files (`hf://data/mymath`, with its configs in the
+  README's YAML header as on the hub). The split is `train_split` for the training file and `test_split` for the
+  test file (or for the test split of the training dataset, when it has one and no test file is given).
 
 Every row is validated on load; a bad row raises `ValueError` naming the file and the place: `line N` (1-based, as an
 editor shows it) for JSON Lines, `row N` (0-based, as `dataset[N]` indexes it) for the other formats.
@@ -43,7 +47,9 @@ SUPPORTED_KINDS = (
     ".json (JSON Lines, or one JSON array of objects)",
     ".parquet",
     "a directory written by datasets' save_to_disk",
+    "hf://NAME[:CONFIG] (datasets.load_dataset)",
 )
+HUB_PREFIX = "hf://"
 _JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -70,11 +76,29 @@ class _Record:
     value: Any
 
 
+def is_hub_spec(path: str | os.PathLike) -> bool:
+    """Whether `path` names a dataset for `datasets.load_dataset` (`hf://NAME[:CONFIG]`)."""
+    return str(path).startswith(HUB_PREFIX)
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None]:
+    """('NAME', 'CONFIG' or None) of 'hf://NAME[:CONFIG]'."""
+    name, _, config = spec.removeprefix(HUB_PREFIX).partition(":")
+    if not name:
+        raise ValueError(f"{spec!r}: no dataset name after {HUB_PREFIX!r}; expected hf://NAME or hf://NAME:CONFIG")
+    return name, config or None
+
+
 def load_problems(path: str | os.PathLike, fields: Fields = Fields(), split: str = "train") -> list[Problem]:
-    """All rows of `path` as Problems; `split` picks the split of a saved `DatasetDict`."""
-    path = _existing(path)
-    stem, records = _read_records(path, fields, split)
-    problems = [_make_problem(str(path), stem, rec, fields) for rec in records]
+    """All rows of `path` as Problems; `split` picks the split of a saved `DatasetDict` or of an `hf://` dataset."""
+    if is_hub_spec(path):
+        label = f"{path} ({split})"
+        stem, records = _read_hub_dataset(str(path), fields, split)
+    else:
+        path = _existing(path)
+        label = str(path)
+        stem, records = _read_records(path, fields, split)
+    problems = [_make_problem(label, stem, rec, fields) for rec in records]
     if not problems:
         raise ValueError(f"{path}: no rows")
     return problems
@@ -83,7 +107,9 @@ def load_problems(path: str | os.PathLike, fields: Fields = Fields(), split: str
 def _existing(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"task data file not found: {p} (resolved: {p.resolve()})")
+        looks_like_id = str(path).count("/") == 1 and not p.suffix and not str(path).startswith((".", "/", "~"))
+        hint = f"; for a dataset by name, write {HUB_PREFIX}{path}" if looks_like_id else ""
+        raise FileNotFoundError(f"task data file not found: {p} (resolved: {p.resolve()}){hint}")
     return p
 
 
@@ -175,6 +201,46 @@ def _load_saved(path: Path, split: str):
     raise ValueError(f"{path}: saved DatasetDict has no {split!r} split (splits: {', '.join(obj)})")
 
 
+def _read_hub_dataset(spec: str, fields: Fields, split: str) -> tuple[str, list[_Record]]:
+    """(uid stem, records) of split `split` of `datasets.load_dataset(NAME, CONFIG)`."""
+    from datasets import load_dataset  # lazy: `datasets` is slow to import; only hf:// datasets need it
+
+    name, config = parse_hub_spec(spec)
+    try:
+        ds = load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; each becomes one message naming the dataset
+        raise ValueError(_explain_hub_failure(spec, name, config, split, e)) from None
+    ds = ds.select_columns(_columns(f"{spec} ({split})", ds.column_names, fields))
+    stem = f"{Path(name).name}.{split}"
+    return stem, [_Record(i, f"row {i}", None, value) for i, value in enumerate(ds.to_list())]
+
+
+def _explain_hub_failure(spec: str, name: str, config: str | None, split: str, err: Exception) -> str:
+    what = f"dataset {name!r}" + (f" (config {config!r})" if config else "") + f", split {split!r}"
+    text = f"{type(err).__name__}: {err}"
+    if "scripts are no longer supported" in str(err):
+        return (f"could not load {spec}: {name!r} is a dataset loading script, which datasets >= 4 no longer runs. "
+                f"Run the script with an older datasets where it works and save_to_disk the result, or point "
+                f"hf:// at the data files instead (a folder of .jsonl / .parquet / .csv files, one per split)")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    if "OfflineModeIsEnabled" in text or "Couldn't reach" in text or "ConnectionError" in text:
+        return (f"could not load {what}: it is not a local folder, and the Hugging Face hub is not reachable "
+                f"{'(offline mode is on)' if offline else 'from here'}. Where the hub is reachable, "
+                f"`datasets.load_dataset({name!r}{', ' + repr(config) if config else ''}).save_to_disk(DIR)` and "
+                f"pass task.file.train_path=DIR. Cause: {text}")
+    return f"could not load {what} from {spec}: {text}"
+
+
+def hub_splits(spec: str) -> list[str] | None:
+    """The split names of an hf:// dataset, or None when they cannot be told."""
+    from datasets import get_dataset_split_names  # lazy: `datasets` is slow to import
+
+    try:
+        return list(get_dataset_split_names(*parse_hub_spec(spec)))
+    except Exception:  # noqa: BLE001 - unknown: the caller then holds rows out of the training split
+        return None
+
+
 def saved_splits(path: str | os.PathLike) -> list[str] | None:
     """The split names of a saved DatasetDict at `path`, or None when it is not one."""
     p = Path(path)
@@ -239,6 +305,9 @@ def _answer_text(where: str, name: str, value: Any) -> str:
     text = str(value).strip()
     if not text:
         raise ValueError(f"{where}: field {name!r} is empty")
+    last = text.splitlines()[-1].strip()
+    if last.startswith("####") and last[4:].strip():  # a GSM8K-style worked answer: its final '#### 42' line
+        return last[4:].strip()
     return text
 
 
@@ -302,17 +371,18 @@ class FileTask(Task):
     def __init__(self, train_path: str | os.PathLike, test_path: str | os.PathLike | None = None, *,
                  question_field: str = "question", answer_field: str = "answer",
                  solution_field: str | None = "solution", seed: int = 0, test_size: int = 200,
-                 verify_timeout: float | None = 5.0):
+                 verify_timeout: float | None = 5.0, train_split: str = "train", test_split: str = "test"):
         if verify_timeout is not None and verify_timeout <= 0:
             raise ValueError(f"verify_timeout must be positive or None, got {verify_timeout}")
         self.fields = Fields(question_field, answer_field, solution_field)
         self.seed, self.verify_timeout = seed, verify_timeout
-        train = load_problems(train_path, self.fields, "train")
+        train = load_problems(train_path, self.fields, train_split)
+        splits = hub_splits(str(train_path)) if is_hub_spec(train_path) else saved_splits(train_path)
         if test_path is not None:
-            test = load_problems(test_path, self.fields, "test")
+            test = load_problems(test_path, self.fields, test_split)
             _warn_overlap(train_path, test_path, train, test)
-        elif "test" in (saved_splits(train_path) or ()):
-            test = load_problems(train_path, self.fields, "test")
+        elif test_split in (splits or ()) and test_split != train_split:
+            test = load_problems(train_path, self.fields, test_split)
         else:
             train, test = hold_out(train, test_size, seed, str(train_path))
         self._splits = {"train": tuple(train), "test": tuple(test)}

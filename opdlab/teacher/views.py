@@ -98,9 +98,11 @@ def _left_pad(ids_B_P: torch.Tensor, mask_B_P: torch.Tensor, P: int, pad: int):
             torch.cat([mask_B_P.new_zeros(mask_B_P.shape[0], extra), mask_B_P], dim=1))
 
 
-def view_prompt_ids(tokenizer, rollouts: Rollouts, view: str, cfg: PrivilegedConfig):
-    """(ids_B_P, mask_B_P) of the teacher's prompts under `view`, on the rollouts' device."""
-    if view == "none":
+def view_prompt_ids(tokenizer, rollouts: Rollouts, view: str, cfg: PrivilegedConfig, own_prompt: bool = False):
+    """(ids_B_P, mask_B_P) of the teacher's prompts under `view`, on the rollouts' device. View 'none' is the
+    student's prompt tokens, or with `own_prompt` (a teacher with a prompt format of its own) the question rendered
+    by `tokenizer`, the teacher's."""
+    if view == "none" and not own_prompt:
         return rollouts.prompt_ids_B_P, rollouts.prompt_mask_B_P
     ids, mask = encode_prompts(tokenizer, teacher_prompts(tokenizer, rollouts.problems, view, cfg))
     device = rollouts.prompt_ids_B_P.device
@@ -109,15 +111,17 @@ def view_prompt_ids(tokenizer, rollouts: Rollouts, view: str, cfg: PrivilegedCon
 
 def score_views(teacher, tokenizer, rollouts: Rollouts, views: list[str] | tuple[str, ...], cfg: PrivilegedConfig,
                 vocab_size: int, *, top_k: int = 0, chunk_size: int = 1024, keep_hidden: bool = False,
-                **score_kwargs) -> TeacherScores:
+                own_prompt: bool = False, **score_kwargs) -> TeacherScores:
     """Teacher scores of the rollouts under one or two views, in a single teacher forward.
 
     With two views the two prompt batches are left-padded to one length and stacked (2B rows, each completion
     twice), scored by one `opdlab.teacher.scoring.score` call and split again: the result holds the first view's scores
-    and, in `.partial`, the second's. Other keyword arguments (the lookahead request) go to `score` unchanged."""
+    and, in `.partial`, the second's. `tokenizer` renders the teacher's prompts (the teacher's, with its prompt
+    format); `own_prompt` renders view 'none' too instead of reusing the student's prompt tokens. Other keyword
+    arguments (the lookahead request) go to `score` unchanged."""
     if not 1 <= len(views) <= 2:
         raise ValueError(f"score_views takes one or two views, got {list(views)}")
-    prompts = [view_prompt_ids(tokenizer, rollouts, v, cfg) for v in views]
+    prompts = [view_prompt_ids(tokenizer, rollouts, v, cfg, own_prompt) for v in views]
     kwargs = dict(top_k=top_k, chunk_size=chunk_size, keep_hidden=keep_hidden, **score_kwargs)
     if len(views) == 1:
         (ids, mask), = prompts
