@@ -4,7 +4,8 @@
     opdlab diagnose --pair smollm2                   # the SmolLM2 pair on the words task, a few minutes on CPU
     opdlab diagnose checks=[lgr] lgr_nodes=64 ...    # any field (`opdlab diagnose --help`)
 
-Every check uses the same student rollouts (`num_questions` x `samples_per_question`). Per check, the figures, each
+The lgr, privileged and alignment checks use the same student rollouts (`num_questions` x `samples_per_question`);
+sfd samples its own student and teacher rollouts on the same questions. Per check, the figures, each
 with a `confidence` interval from a bootstrap over rollouts (or questions), and a verdict:
 
     sfd         fidelity decay (`sfd.py`): present when the student's F decay exceeds the teacher's own and the
