@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from opdlab.diagnostics.alignment.report import P_SUCC_BINS, in_bin
 from opdlab.diagnostics.alignment.signals import exponential_depths
@@ -19,10 +20,11 @@ from opdlab.models.logprobs import chunk_logits, completion_hidden, softcap_of
 
 
 @torch.no_grad()
-def p_succ_nodes(cfg, student, tokenizer, task, rollouts, rewards, vocab_size, stops, generator) -> list[dict]:
+def p_succ_nodes(cfg, student, tokenizer, task, rollouts, rewards, vocab_size, stops, generator,
+                 progress: bool = True) -> list[dict]:
     nodes = []
     n = cfg.alignment_rollouts_per_node
-    for ri, r in enumerate(rollouts):
+    for ri, r in enumerate(tqdm(rollouts, desc="alignment: P_succ", disable=not progress, leave=False)):
         L = int(r.completion_mask_B_T[0].sum())
         depths = [t for t in exponential_depths(L, cfg.alignment_depth_ratio) if t < cfg.max_new_tokens - 1]
         depths = depths[:cfg.alignment_max_nodes_per_rollout]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from opdlab.diagnostics.alignment.report import spearman
 from opdlab.diagnostics.alignment.targeted import success_values
@@ -29,11 +30,12 @@ from opdlab.types import LookaheadRequest
 
 
 @torch.no_grad()
-def lgr_nodes(cfg, student, teacher, tokenizer, task, rollouts, vocab_size, stops, generator, rng) -> list[dict]:
+def lgr_nodes(cfg, student, teacher, tokenizer, task, rollouts, vocab_size, stops, generator, rng,
+              progress: bool = True) -> list[dict]:
     """One record per measured trigger node: rollout, position, candidates, student p, raw rewards r, values V."""
     request = LookaheadRequest(k=cfg.lgr_k, tau=cfg.lgr_tau, signal=cfg.lgr_signal)
     found = []
-    for ri, r in enumerate(rollouts):
+    for ri, r in enumerate(tqdm(rollouts, desc="lgr: candidate rewards", disable=not progress, leave=False)):
         s = score(teacher, r, vocab_size, chunk_size=cfg.chunk_size, lookahead=request, student=student)
         trig = (s.lookahead_trigger_B_T.bool() & r.loss_mask_B_T.bool())[0]
         for t in torch.nonzero(trig).flatten().tolist():
@@ -41,7 +43,7 @@ def lgr_nodes(cfg, student, teacher, tokenizer, task, rollouts, vocab_size, stop
     if len(found) > cfg.lgr_nodes:
         found = [found[i] for i in sorted(rng.choice(len(found), cfg.lgr_nodes, replace=False))]
     nodes = []
-    for ri, t, cands, rewards in found:
+    for ri, t, cands, rewards in tqdm(found, desc="lgr: success values", disable=not progress, leave=False):
         r = rollouts[ri]
         prompt_P = r.prompt_ids_B_P[0][r.prompt_mask_B_P[0].bool()]
         V = success_values(student, tokenizer, task, r.problems[0], prompt_P, r.completion_ids_B_T[0, :t].tolist(),

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from tqdm.auto import tqdm
 
 from opdlab.config import FidelityConfig
 from opdlab.diagnostics.fidelity.measure import measure_fidelity
@@ -48,10 +49,11 @@ from opdlab.tasks import make_task
 CONFIG = PreconditionsConfig
 
 
-def _rollouts(cfg, student, tokenizer, problems, vocab_size, generator):
-    """One-row rollouts of the student, cut to their own length, with their rewards."""
+def _rollouts(cfg, student, tokenizer, problems, vocab_size, generator, progress: bool = True):
+    """One-row rollouts of the student, cut to their own length."""
     rows = []
-    for start in range(0, len(problems), cfg.batch_size):
+    for start in tqdm(range(0, len(problems), cfg.batch_size), desc="student rollouts", disable=not progress,
+                      leave=False):
         part = sample(student, tokenizer, problems[start:start + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, generator=generator, vocab_size=vocab_size)
         for i in range(len(part.problems)):
@@ -101,7 +103,7 @@ def run_preconditions(cfg: PreconditionsConfig, console=None, progress: bool = T
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     stops = stop_token_ids(student, tokenizer)
-    rollouts = _rollouts(cfg, student, tokenizer, problems, vocab_size, generator)
+    rollouts = _rollouts(cfg, student, tokenizer, problems, vocab_size, generator, progress)
     rewards = [float(task.verify(r.problems[0], r.texts[0])) for r in rollouts]
     summary, timing = {"student_accuracy": float(np.mean(rewards)), "rollouts": len(rollouts)}, {}
 
@@ -124,7 +126,8 @@ def run_preconditions(cfg: PreconditionsConfig, console=None, progress: bool = T
             chunk_size=cfg.chunk_size, progress=False), cfg))
     if "lgr" in cfg.checks:
         def lgr():
-            nodes = lgr_nodes(cfg, student, teacher, tokenizer, task, rollouts, vocab_size, stops, generator, rng)
+            nodes = lgr_nodes(cfg, student, teacher, tokenizer, task, rollouts, vocab_size, stops, generator, rng,
+                              progress=progress)
             return {**summarise_lgr(nodes, cfg), "node_records": nodes}
         timed("lgr", lgr)
     if "privileged" in cfg.checks:
@@ -133,7 +136,8 @@ def run_preconditions(cfg: PreconditionsConfig, console=None, progress: bool = T
             rollout_shift(cfg, privileged_teacher, tokenizer, rollouts, vocab_size), cfg))
     if "alignment" in cfg.checks:
         timed("alignment", lambda: summarise_alignment(
-            p_succ_nodes(cfg, student, tokenizer, task, rollouts, rewards, vocab_size, stops, generator), cfg))
+            p_succ_nodes(cfg, student, tokenizer, task, rollouts, rewards, vocab_size, stops, generator,
+                         progress=progress), cfg))
     summary["verdicts"] = verdicts(summary, cfg)
     summary["timing"] = {**timing, "total_s": time.perf_counter() - t0}
     summary["config"] = cfg.model_dump(mode="json")
