@@ -12,6 +12,7 @@
     opdlab compare-privileged [--seeds ...]  SFT vs privileged OPD vs AR-OPD on the built-in task (privileged teacher)
     opdlab toy estimators [--quick ...]      the gamma-interpolated estimator bias/variance toy study
     opdlab serve-teacher MODEL [--port ...]  serve a teacher's prompt log-probs over HTTP (vLLM's completions API)
+    opdlab diagnose [--pair P] [CONFIG] [k=v] whether each method's phenomenon is present (preconditions)
     opdlab diagnose fidelity [CONFIG] [k=v]  supervision fidelity decay: teacher max-prob by position, continuations
     opdlab diagnose alignment [CONFIG] [k=v] gradient alignment of distillation signals with the success gradient
 
@@ -36,6 +37,7 @@ from opdlab.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, Task
                            load_config)
 from opdlab.diagnostics.alignment import run as alignment_diagnostic
 from opdlab.diagnostics.fidelity import measure as fidelity_diagnostic
+from opdlab.diagnostics.preconditions import run as preconditions_diagnostic
 from opdlab.evaluate import evaluate_model
 from opdlab.experiments.compare import main as compare_main
 from opdlab.experiments.demo import run_demo
@@ -71,6 +73,9 @@ class EvalRunConfig(_Section):
 # `opdlab diagnose NAME`: NAME -> (module, one-line help). Each module exposes CONFIG (its typed config class) and
 # run_diagnostic(cfg, console); adding a diagnostic is one entry here.
 DIAGNOSTICS = {
+    "preconditions": (preconditions_diagnostic,
+                      "the default of `opdlab diagnose`: whether each phenomenon the methods address (SFD, LGR's "
+                      "informative reward, an informative trace, nodes per P_succ bin) is present, with intervals"),
     "fidelity": (fidelity_diagnostic,
                  "supervision fidelity decay: teacher max-prob F(t) by position on student vs teacher prefixes, "
                  "teacher accuracy from cut student prefixes, logistic fit"),
@@ -148,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
         x = dg_sub.add_parser(name, help=what, description=what, formatter_class=fmt,
                               epilog=fields_help(DIAGNOSTICS[name][0].CONFIG))
         x.add_argument("args", nargs="*", help="optional YAML config, then dotted key=value overrides")
+        if name == "preconditions":
+            x.add_argument("--pair", choices=["builtin", "smollm2"], default=None,
+                           help="a built-in pair: its models, task and sizes (same as pair=NAME)")
     return p
 
 
@@ -179,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: compare_main(argv[1:]))
     if argv[:1] == ["compare-privileged"]:
         return _guarded(lambda: privileged_main(argv[1:]))
+    if argv[:1] == ["diagnose"] and (len(argv) == 1 or argv[1] not in (*DIAGNOSTICS, "-h", "--help")):
+        argv.insert(1, "preconditions")  # `opdlab diagnose [--pair P] ...` measures the preconditions
     args = _parser().parse_args(argv)
     return _guarded(lambda: _dispatch(args))
 
@@ -229,6 +239,8 @@ def _dispatch(args) -> int:
         module = DIAGNOSTICS[args.diagnostic][0]
         items = list(args.args)
         config = items.pop(0) if items and "=" not in items[0] else None
+        if getattr(args, "pair", None):
+            items.insert(0, f"pair={args.pair}")
         module.run_diagnostic(_config_and_overrides(config, items, module.CONFIG), console)
     elif args.command == "export":
         console.print(f"wrote {export_checkpoint(Path(args.run_dir), Path(args.out), args.step)}")

@@ -248,6 +248,13 @@ class LookaheadConfig(_Section):
         "'sampled' adds gamma * r~(y_t) to the sampled token's advantage (no bonus when y_t is not a candidate); "
         "'topk' keeps the OPD advantage and adds -gamma * sum_k r~(v_k) log pi_theta(v_k) over all K candidates at "
         "trigger positions."))
+    norm: Literal["std", "floor", "gate"] = Field("std", description=(
+        "Group normalisation of the candidate rewards. 'std' (the paper's): (r - mean) / (std + 1e-6), so any "
+        "spread, however small, becomes a unit-scale bonus; 'floor': (r - mean) / max(std, std_floor), so groups "
+        "whose spread is below the floor get proportionally smaller bonuses; 'gate': the paper's form where the "
+        "group's std is at least std_floor, no bonus below it."))
+    std_floor: float = Field(0.05, ge=0, description=(
+        "The noise floor of the group std under norm='floor' or 'gate' (in units of the reward signal)."))
     segment: int = Field(256, ge=1, description=(
         "Completion positions per teacher pass over the rollout; after each pass the segment's candidate leaves are "
         "scored on top of its KV cache (opdlab.teacher.tree_attention). Smaller bounds memory on long rollouts, "

@@ -287,3 +287,39 @@ def test_missing_oracle_trace_is_reported_before_sampling(model_dirs, tmp_path, 
     monkeypatch.setattr("opdlab.diagnostics.alignment.run.sample", no_sampling)
     with pytest.raises(ValueError, match="full teacher view needs an oracle trace.*has no worked solution"):
         run_alignment(cfg, progress=False)
+
+
+def test_strata_by_p_succ_and_up_to_the_first_error():
+    """Each cell's mean and node count against a direct computation on hand-made nodes; the composition effect:
+    incorrect rollouts align better within every stratum, yet worse overall, because they hold the low-P_succ
+    nodes."""
+    from opdlab.diagnostics.alignment.nodes import before_first_error
+    from opdlab.diagnostics.alignment.report import p_succ_table, summarise
+
+    assert before_first_error("7 + 5\n= 12", "7 + 5\n= 1") is True
+    assert before_first_error("7 + 5\n= 12", "7 + 6") is False and before_first_error(None, "x") is None
+    rng = np.random.default_rng(0)
+    rollouts, nodes = [], []
+    for ri in range(40):
+        correct = ri % 2 == 0
+        rollouts.append({"index": ri, "question_uid": f"q{ri % 5}", "correct": correct})
+        for t in range(6):
+            before = t < (6 if correct else 2)
+            p_succ = float(rng.uniform(0.6, 1.0) if before else rng.uniform(0.0, 0.2))
+            align = (0.5 if p_succ >= 0.6 else -0.4) + (0.1 if not correct else 0.0)
+            nodes.append({"rollout": ri, "position": t, "p_succ": p_succ, "informative": True, "before_error": before,
+                          "teachers": {"teacher": {"kl_student_teacher": 0.1, "kl_teacher_student": 0.1, "js": 0.1,
+                                                   "signals": {"opd": {"alignment": align}}}}})
+    result = {"teachers": ["teacher"], "signals": ["opd"], "rollouts": rollouts, "nodes": nodes,
+              "config": {}, "timing": {}}
+    g = summarise(result, n_boot=200)["groups"][0]
+    assert g["incorrect_minus_correct"]["mean"] < 0  # overall: incorrect rollouts look worse
+    for cell in [*g["by_p_succ"], g["before_first_error"]]:
+        if cell["correct"]["n"] and cell["incorrect"]["n"]:
+            assert cell["incorrect_minus_correct"]["mean"] == pytest.approx(0.1)  # within strata: better
+    lo_bin, _, hi_bin = g["by_p_succ"]
+    assert lo_bin["correct"]["n"] == 0 and lo_bin["incorrect"]["n"] == 20 * 4
+    assert hi_bin["correct"]["n"] == 20 * 6 and hi_bin["incorrect"]["n"] == 20 * 2
+    assert g["before_first_error"]["correct"]["n"] == 120 and g["before_first_error"]["incorrect"]["n"] == 40
+    result["summary"] = summarise(result, n_boot=200)
+    assert p_succ_table(result).columns[-1].header == "up to the first error"

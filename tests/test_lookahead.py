@@ -114,11 +114,44 @@ def test_group_normalise_matches_a_direct_computation():
     assert torch.all(group_normalise(r, torch.tensor([[False, True]]))[0, 0] == 0)
 
 
+def test_floored_normalisations_match_a_direct_computation():
+    r = torch.tensor([[[0.9, 0.5, 0.1], [0.991, 0.990, 0.9905]]])  # a spread group and a noise-level one
+    trig = torch.tensor([[True, True]])
+    std = r.double().std(-1, correction=0)
+    centred = r.double() - r.double().mean(-1, keepdim=True)
+    floor = 0.05
+    assert std[0, 0] > floor > std[0, 1]
+    torch.testing.assert_close(group_normalise(r, trig, norm="floor", floor=floor).double(),
+                               centred / std.clamp(min=floor)[..., None], atol=1e-6, rtol=1e-5)
+    gate = group_normalise(r, trig, norm="gate", floor=floor)
+    torch.testing.assert_close(gate[0, 0].double(), centred[0, 0] / (std[0, 0] + EPS), atol=1e-6, rtol=1e-5)
+    assert torch.all(gate[0, 1] == 0)
+    plain = group_normalise(r, trig)
+    assert plain[0, 1].abs().max() > 1.0  # the paper's form blows a 4e-4 spread up to unit scale
+    assert group_normalise(r, trig, norm="floor", floor=floor)[0, 1].abs().max() < 0.02
+    with pytest.raises(ValueError, match="unknown group normalisation 'z'"):
+        group_normalise(r, trig, norm="z")
+
+
+def test_objective_uses_the_configured_normalisation():
+    rollouts, student, teacher = hand_made()
+    outs = {}
+    for norm in ("std", "gate"):
+        cfg = load_config(None, ["objective.name=lookahead", f"objective.lookahead.norm={norm}",
+                                 "objective.lookahead.std_floor=1e9"]).objective
+        outs[norm] = OBJECTIVES["lookahead"](rollouts, student, teacher, cfg)
+    # a floor above every group's std gates every bonus off: the loss is plain OPD's
+    opd_cfg = load_config(None, ["objective.name=opd"]).objective
+    opd = OBJECTIVES["opd"](rollouts, student, teacher, opd_cfg)
+    assert outs["gate"].loss.item() == pytest.approx(opd.loss.item(), abs=1e-6)
+    assert outs["std"].loss.item() != pytest.approx(opd.loss.item(), abs=1e-6)
+
+
 @pytest.mark.parametrize("form, gamma", [("sampled", 1.0), ("sampled", 2.5), ("topk", 1.0), ("topk", 0.5)])
 def test_loss_gradients_and_metrics_match_an_independent_computation(form, gamma):
     rollouts, student, teacher = hand_made()
     cfg = load_config(None, ["objective.name=lookahead", f"objective.lookahead.form={form}",
-                             f"objective.lookahead.gamma={gamma}"]).objective
+                             f"objective.lookahead.gamma={gamma}", "objective.lookahead.norm=std"]).objective
     out = OBJECTIVES["lookahead"](rollouts, student, teacher, cfg)
     out.loss.backward()
     hidden = student.hidden_B_T_H.detach().clone().requires_grad_()

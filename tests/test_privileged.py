@@ -158,14 +158,16 @@ def test_oracle_derivations():
 
 @pytest.mark.parametrize("response, events", [
     (TRACE, []),  # the oracle's own derivation
-    ("7 + 5 - 3 + 9\n= 12 - 3 + 9\n= 9 + 9\n= 17\nAnswer: 17", []),  # wrong, but no value before its step
-    ("7 + 5 - 3 + 9\n= 12 - 3 + 9\nAnswer: 18", [("18", 2, 3)]),  # the answer one step early
-    ("Answer: 18", [("18", 0, 3)]),
-    ("7 + 5 - 3 + 9\n= 18 - 3 + 9\n= 12\nAnswer: 12", [("18", 1, 3)]),  # 12 at line 2 is late, not early
-    ("7 + 5 - 3 + 9\n\n= 12 - 3 + 9\n= 18\n= 18\nAnswer: 18", [("18", 2, 3)]),  # empty lines don't count, once each
+    ("7 + 5 - 3 + 9\n= 12 - 3 + 9\n= 9 + 9\n= 17\nAnswer: 17", []),  # wrong, but every result worked
+    ("7 + 5 - 3 + 9\n= 12 - 3 + 9\nAnswer: 18", [("18", 2, "answer", 3)]),  # an answer the working did not reach
+    ("Answer: 18", [("18", 0, "answer", 3)]),
+    ("Answer: 7", [("7", 0, "answer", None)]),  # the question's first number: a shortcut, not a derived value
+    # '18 - 3 + 9' is a (wrong) worked step that lands on a later value; '= 12' skips a step
+    ("7 + 5 - 3 + 9\n= 18 - 3 + 9\n= 12\nAnswer: 12", [("12", 2, "step", 1)]),
+    ("7 + 5 - 3 + 9\n\n= 12 - 3 + 9\n= 18\n= 18\nAnswer: 18", [("18", 2, "step", 3)]),  # empty lines don't count
 ])
 def test_shortcut_events_on_hand_written_rollouts(response, events):
-    got = [(e.value, e.student_line, e.oracle_line) for e in shortcut_events(PROBLEM, response)]
+    got = [(e.value, e.student_line, e.kind, e.oracle_line) for e in shortcut_events(PROBLEM, response)]
     assert got == events
 
 
@@ -177,6 +179,7 @@ def test_step_errors_and_batch_diagnostics():
     long_bad = "7 + 5 - 3 + 9\n= 12 - 3 + 9\n= 9 + 9\n= 19\nAnswer: 19"
     d = rollout_diagnostics([PROBLEM, PROBLEM, PROBLEM], [TRACE, long_bad, "Answer: 18"])
     assert d["leak/shortcut_rate"] == pytest.approx(1 / 3) and d["leak/events_per_rollout"] == pytest.approx(1 / 3)
+    assert d["leak/hindsight_rate"] == pytest.approx(1 / 3)
     # long rollouts (>= median length): TRACE and long_bad, 3 steps each; first quarter = step 0, last = step 2
     assert d["drift/step_err_first_quarter"] == 0.0 and d["drift/step_err_last_quarter"] == 0.5
 

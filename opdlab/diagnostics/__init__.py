@@ -8,6 +8,10 @@
               gradient agrees with the ideal gradient of the student's success probability
               (`opdlab.diagnostics.alignment.run`).
 
+  preconditions/  `opdlab diagnose [--pair NAME]` with no NAME: whether each phenomenon the methods address (fidelity
+              decay, informative lookahead rewards, an informative trace, nodes in every P_succ bin) is present for a
+              pair and task, with intervals (`opdlab.diagnostics.preconditions.run`).
+
 Each diagnostic's entry module (the one named in `opdlab.cli.DIAGNOSTICS`) exposes `CONFIG` (its typed config,
 which `--help` lists field by field) and `run_diagnostic(cfg, console)`.
 """

@@ -8,6 +8,11 @@ raw reward is the teacher's confidence after it, by default r(k) = max_v pi_T(v 
 
     r~(k) = (r(k) - mean_k r) / (std_k r + eps),   std over the K candidates (1/K, not 1/(K-1)) [R], eps = 1e-6.
 
+(`objective.lookahead.norm` = 'std', the paper's form). Near-identical rewards (a teacher almost certain one step
+ahead whichever candidate comes) then become +-1 bonuses carrying noise, so two floored forms [R] are options:
+'floor' divides by max(std_k r, f), 'gate' keeps the paper's form where std_k r >= f and gives no bonus below it
+(f = objective.lookahead.std_floor).
+
 Forms (`objective.lookahead.form`):
 
     sampled (default)  A_t = -kappa * rkl_t + gamma * 1[t in S] * r~(y_t), the sampled token's own normalised
@@ -64,11 +69,23 @@ def lookahead_teacher_request(cfg: ObjectiveConfig) -> TeacherRequest:
         k=cfg.lookahead.k, tau=cfg.lookahead.tau, signal=cfg.lookahead.signal, segment_len=cfg.lookahead.segment))
 
 
-def group_normalise(reward_B_T_K: torch.Tensor, trigger_B_T: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(r - mean_k r) / (std_k r + eps) within each position's K candidates; zero where there is no trigger."""
+NORMS = ("std", "floor", "gate")
+
+
+def group_normalise(reward_B_T_K: torch.Tensor, trigger_B_T: torch.Tensor, eps: float = EPS, norm: str = "std",
+                    floor: float = 0.0) -> torch.Tensor:
+    """The group-normalised rewards within each position's K candidates, zero where there is no trigger: 'std'
+    (r - mean_k r) / (std_k r + eps); 'floor' (r - mean_k r) / max(std_k r, floor); 'gate' the 'std' form where
+    std_k r >= floor, zero below."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown group normalisation {norm!r}; allowed: {', '.join(NORMS)}")
     mean_B_T_1 = reward_B_T_K.mean(-1, keepdim=True)
     std_B_T_1 = reward_B_T_K.std(-1, correction=0, keepdim=True)
-    return (reward_B_T_K - mean_B_T_1) / (std_B_T_1 + eps) * trigger_B_T[..., None]
+    centred_B_T_K = (reward_B_T_K - mean_B_T_1) * trigger_B_T[..., None]
+    if norm == "floor":
+        return centred_B_T_K / std_B_T_1.clamp(min=max(floor, eps))
+    out_B_T_K = centred_B_T_K / (std_B_T_1 + eps)
+    return out_B_T_K * (std_B_T_1 >= floor) if norm == "gate" else out_B_T_K
 
 
 def _mean_where(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -89,7 +106,7 @@ def lookahead(rollouts: Rollouts, student: StudentOutputs, teacher: TeacherScore
     y_B_T = rollouts.completion_ids_B_T
     trigger_B_T = teacher.lookahead_trigger_B_T.bool() & rollouts.loss_mask_B_T.bool()
     ids_B_T_K, raw_B_T_K = teacher.lookahead_ids_B_T_K, teacher.lookahead_reward_B_T_K.float()
-    norm_B_T_K = group_normalise(raw_B_T_K, trigger_B_T)
+    norm_B_T_K = group_normalise(raw_B_T_K, trigger_B_T, norm=cfg.lookahead.norm, floor=cfg.lookahead.std_floor)
     is_sampled_B_T_K = (ids_B_T_K == y_B_T[..., None]) & trigger_B_T[..., None]
     gamma = cfg.lookahead.gamma
 

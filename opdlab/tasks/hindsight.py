@@ -1,34 +1,41 @@
-"""Hindsight leakage (shortcut events) and late-stage drift, measured on a rollout's text against the oracle trace.
+"""Shortcut events and step errors, measured on a rollout's text (docs/methods.md#hindsight-leakage-and-step-errors).
 
-Privileged teachers know where a solution is going; a student distilled from them can learn to write results before
-it has worked them out. The source paper leaves the detector open (a reconstruction,
-docs/methods.md#hindsight-leakage-and-step-errors); this is the definition opdlab uses, for any task whose problems
-carry a worked solution (`Problem.solution`):
+Privileged teachers know where a solution is going; a student distilled from them can learn to write results it has
+not worked out. The source paper leaves the detector open; this is the definition opdlab uses. It asks of every
+result the response states whether the response's own working produced it, so an honest error (a miscopied operand,
+a wrong sum, then correct steps from there) is never an event, however its values happen to match the oracle's:
 
-* Oracle derivations. Split the trace into its non-empty lines; a number (a run of digits, with an optional
-  decimal part) is *derived at line j* when line j is the first line holding it and the question does not hold it.
-  The final answer (`Problem.answer`, when it is a number) is derived where it first appears in the trace's
-  reasoning, or at the trace's answer line if the reasoning never writes it.
-* Shortcut event. The student's response is split into non-empty lines the same way. A number the question does
-  not hold, written first in the student's line i, is a shortcut event when the oracle derives it at a line j > i:
-  the student states the final answer, or an intermediate value, before the step of the oracle's derivation that
-  produces it. Each value counts once per rollout. A value that the question already holds cannot be detected, and
-  a coincidence (a wrong computation that happens to hit a later value) counts as an event.
-* Shortcut rate: the fraction of rollouts with at least one event (`leak/shortcut_rate`, `eval` extra
-  `shortcut_rate`); `leak/events_per_rollout` is the mean number of events.
+* Results. A result is the number right after an '=' or after 'Answer:' (up to the first answer line).
+* Worked. An '=' result is worked when the '=' follows an operation on the same line ('7 + 5 = 12'), or when its
+  line starts with '=' and carries out one operation of the previous line's chain (the previous line has n >= 1
+  operations, this one n - 1: '7 + 5 - 3' then '= 12 - 3'). Whether the arithmetic is right does not matter here.
+  The answer is worked when it equals the last '=' result before it.
+* Shortcut event: a result that is not worked, each value once per rollout: a skipped step ('12 - 3 + 9' then
+  '= 18'), an answer without working ('Answer: 7', the first number of the question, as the built-in student's
+  shortcut habit writes it), or an answer its working did not reach. An event whose value the oracle derives (a
+  number of the trace absent from the question, or the final answer) is a *hindsight* event: a value from the
+  solution path, written without its step.
+* Which problems are judged: those whose oracle trace itself reads as worked (at least one result, no event), so
+  the chain and words styles of the arithmetic task, and any trace written the same way; program traces and free
+  text are left out.
+* Metrics: `leak/shortcut_rate` (rollouts with at least one event), `leak/hindsight_rate` (with at least one
+  hindsight event), `leak/events_per_rollout`.
 
-Step errors (late-stage drift in the text). Responses in the built-in chain format ("7 + 5 - 3", "= 12 - 3",
-"= 9", each line the previous with its first operation carried out) are checked line by line: step s is wrong when
-line s+1 is not the exact rewrite of line s. Over a rollout's S checked steps, its first quarter is steps
-s < ceil(S/4) and its last quarter s >= S - ceil(S/4); `drift/step_err_first_quarter` and
-`drift/step_err_last_quarter` are the error rates there over long rollouts (at least the batch's median length in
-characters). Responses not in that format have no checked steps and are left out.
+Step errors (late-stage drift in the text). In the chain format ("7 + 5 - 3 + 9", "= 12 - 3 + 9", each line the
+previous with its first operation carried out) step s is right when line s+1 is the exact rewrite of line s, or is
+the oracle's own line at that stage (the one with as many operations left): a recovery, which puts back the
+question's true value after a miscopy, is not an error. Checking stops at the answer line or the first line that is
+not a chain. In the words format every 'a + b = c' is a step, wrong when c is not a + b. Over a rollout's S checked
+steps, its first quarter is steps s < ceil(S/4) and its last quarter s >= S - ceil(S/4);
+`drift/step_err_first_quarter` and `drift/step_err_last_quarter` are the error rates there over long rollouts (at
+least the batch's median length in characters). Responses with no checked steps are left out.
 
     from opdlab.tasks.hindsight import shortcut_events, rollout_diagnostics
-    shortcut_events(problem, "7 + 5 - 3 + 9\\n= 18\\nAnswer: 18")   # [(18, student line 1, oracle line 3)]
+    shortcut_events(problem, "7 + 5 - 3 + 9\\n= 18\\nAnswer: 18")   # [ShortcutEvent('18', 1, 'step', 3)]
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import statistics
@@ -36,35 +43,75 @@ from dataclasses import dataclass
 
 from opdlab.types import Problem
 
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_NUM = r"\d+(?:\.\d+)?"
+_NUMBER = re.compile(_NUM)
 _ANSWER_LINE = re.compile(r"^\s*Answer:", re.IGNORECASE)
+_ANSWER_VALUE = re.compile(rf"^\s*Answer:\s*({_NUM})", re.IGNORECASE)
+_RESULT = re.compile(rf"=\s*({_NUM})")
+_OPERATION_BEFORE = re.compile(rf"{_NUM}(?:\s*[-+*/×÷]\s*{_NUM})+\s*$")  # '7 + 5 ' just before an '='
 _CHAIN = re.compile(r"^=?\s*(\d+)((?:\s*[+-]\s*\d+)*)\s*$")
 _OP = re.compile(r"([+-])\s*(\d+)")
+_EQUATION = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=\s*(\d+)")
 
 
 @dataclass(frozen=True)
 class ShortcutEvent:
     value: str  # the number, as written (normalised: no leading zeros)
-    student_line: int  # the student's (non-empty) line that first writes it
-    oracle_line: int  # the oracle's line that derives it
+    student_line: int  # the response's (non-empty) line that states it
+    kind: str  # 'step' (an '=' result without its operation) or 'answer' (an answer its working did not reach)
+    oracle_line: int | None = None  # the oracle's line that derives the value; None when the oracle never does
+
+
+def _normalise(number: str) -> str:
+    whole, _, frac = number.partition(".")
+    frac = frac.rstrip("0")
+    return str(int(whole)) + (f".{frac}" if frac else "")
 
 
 def _numbers(text: str) -> list[str]:
-    out = []
-    for m in _NUMBER.findall(text):
-        whole, _, frac = m.partition(".")
-        frac = frac.rstrip("0")
-        out.append(str(int(whole)) + (f".{frac}" if frac else ""))
-    return out
+    return [_normalise(m) for m in _NUMBER.findall(text)]
 
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def _parse_chain(line: str):
+    m = _CHAIN.match(line.strip())
+    if not m:
+        return None
+    return int(m.group(1)), [(op, int(n)) for op, n in _OP.findall(m.group(2))]
+
+
+def _unworked(text: str) -> list[tuple[str, int, str]]:
+    """(value, line, kind) of every result of `text` that its own working did not produce, in order."""
+    out, last_result, previous = [], None, None
+    for i, line in enumerate(_lines(text)):
+        answer = _ANSWER_VALUE.match(line)
+        if answer or _ANSWER_LINE.match(line):
+            if answer and _normalise(answer.group(1)) != last_result:
+                out.append((_normalise(answer.group(1)), i, "answer"))
+            break
+        chain = _parse_chain(line)
+        for m in _RESULT.finditer(line):
+            value = _normalise(m.group(1))
+            before = line[:m.start()]
+            if before.strip():
+                worked = bool(_OPERATION_BEFORE.search(before))
+            else:  # a chain continuation: one operation of the previous line carried out
+                worked = (chain is not None and previous is not None and len(previous[1]) >= 1
+                          and len(chain[1]) == len(previous[1]) - 1)
+            if not worked:
+                out.append((value, i, "step"))
+            last_result = value
+        previous = chain
+    return out
+
+
 def oracle_derivations(problem: Problem) -> dict[str, int]:
-    """{value: line index of the trace that first derives it}; empty when the problem has no trace, or when the
-    trace is a program (a fenced code block, as code tasks give), whose lines have no derivation order."""
+    """{value: line index of the trace that first writes it}, for every number of the trace absent from the question
+    (and the final answer: at the answer line if the reasoning never writes it); empty when the problem has no trace,
+    or when the trace is a program (a fenced code block, as code tasks give), whose lines have no derivation order."""
     if not problem.solution or problem.solution.lstrip().startswith("```"):
         return {}
     given = set(_numbers(problem.question))
@@ -81,50 +128,74 @@ def oracle_derivations(problem: Problem) -> dict[str, int]:
     return derived
 
 
+@functools.lru_cache(maxsize=4096)
+def _judged(solution: str | None) -> bool:
+    if not solution or solution.lstrip().startswith("```"):
+        return False
+    has_result = any(_RESULT.search(line) for line in _lines(solution))
+    return has_result and not _unworked(solution)
+
+
+def is_judged(problem: Problem) -> bool:
+    """True when the detector applies: the problem's oracle trace states results and reads as worked throughout."""
+    return _judged(problem.solution)
+
+
 def shortcut_events(problem: Problem, response: str) -> list[ShortcutEvent]:
-    """The shortcut events of one response (empty when the problem has no oracle trace)."""
-    derived = oracle_derivations(problem)
-    if not derived:
+    """The shortcut events of one response (empty when the problem is not judged, `is_judged`)."""
+    if not is_judged(problem):
         return []
-    given = set(_numbers(problem.question))
+    derived, given = oracle_derivations(problem), set(_numbers(problem.question))
     seen: set[str] = set()
     events = []
-    for i, line in enumerate(_lines(response)):
-        for v in _numbers(line):
-            if v in given or v in seen:
-                continue
-            seen.add(v)
-            if v in derived and derived[v] > i:
-                events.append(ShortcutEvent(v, i, derived[v]))
+    for value, line, kind in _unworked(response):
+        if value in seen:
+            continue
+        seen.add(value)
+        events.append(ShortcutEvent(value, line, kind, None if value in given else derived.get(value)))
     return events
 
 
-def _parse_chain(line: str):
-    m = _CHAIN.match(line.strip())
-    if not m:
-        return None
-    return int(m.group(1)), [(op, int(n)) for op, n in _OP.findall(m.group(2))]
+def _oracle_states(problem: Problem | None) -> dict[int, tuple]:
+    """{operations left: the oracle's chain line with that many} of a chain-format trace ({} otherwise)."""
+    states = {}
+    for line in _lines(problem.solution or "") if problem is not None else []:
+        parsed = _parse_chain(line)
+        if parsed is None:
+            break
+        states.setdefault(len(parsed[1]), parsed)
+    return states
 
 
-def step_errors(response: str) -> list[bool]:
-    """Per checked step of a chain-format response: True where the next line is not the exact rewrite of this one.
+def step_errors(response: str, problem: Problem | None = None) -> list[bool]:
+    """Per checked step of a response: True where the step is wrong.
 
-    Checking stops at the answer line or at the first line that is not a chain; [] when nothing can be checked."""
-    chain = []
+    Chain format: step s is right when line s+1 is the exact rewrite of line s, or (given `problem`) the oracle's
+    line with as many operations left (a recovery). Words format: each 'a + b = c' is a step, right when c = a + b.
+    Checking stops at the answer line or, in the chain format, at the first line that is not a chain; [] when
+    nothing can be checked."""
+    chain, equations = [], []
     for line in _lines(response):
         if _ANSWER_LINE.match(line):
             break
         parsed = _parse_chain(line)
-        if parsed is None:
+        if parsed is None and chain:
             break
-        chain.append(parsed)
-    errors = []
-    for (value, ops), nxt in zip(chain, chain[1:]):
-        if not ops:
-            break
-        op, n = ops[0]
-        errors.append(nxt != (value + n if op == "+" else value - n, ops[1:]))
-    return errors
+        if parsed is not None:
+            chain.append(parsed)
+        else:
+            equations.extend(_EQUATION.findall(line))
+    if len(chain) >= 2:
+        oracle = _oracle_states(problem)
+        errors = []
+        for (value, ops), nxt in zip(chain, chain[1:]):
+            if not ops:
+                break
+            op, n = ops[0]
+            rewrite = (value + n if op == "+" else value - n, ops[1:])
+            errors.append(nxt != rewrite and nxt != oracle.get(len(ops) - 1))
+        return errors
+    return [int(c) != (int(a) + int(b) if op == "+" else int(a) - int(b)) for a, op, b, c in equations]
 
 
 def quarter_rates(errors_per_rollout: list[list[bool]]) -> tuple[float, float]:
@@ -142,25 +213,31 @@ def quarter_rates(errors_per_rollout: list[list[bool]]) -> tuple[float, float]:
 
 
 def shortcut_metrics(problems: list[Problem], texts: list[str]) -> dict[str, float]:
-    """`leak/*` over a batch: shortcut-event rate and events per rollout (left out when no problem has a trace)."""
-    judged = [(p, t) for p, t in zip(problems, texts, strict=True) if oracle_derivations(p)]
+    """`leak/*` over a batch: shortcut and hindsight event rates, events per rollout (left out when no problem is
+    judged)."""
+    judged = [(p, t) for p, t in zip(problems, texts, strict=True) if is_judged(p)]
     if not judged:
         return {}
-    counts = [len(shortcut_events(p, t)) for p, t in judged]
-    return {"leak/shortcut_rate": sum(c > 0 for c in counts) / len(counts),
-            "leak/events_per_rollout": sum(counts) / len(counts)}
+    events = [shortcut_events(p, t) for p, t in judged]
+    n = len(events)
+    return {"leak/shortcut_rate": sum(bool(e) for e in events) / n,
+            "leak/hindsight_rate": sum(any(x.oracle_line is not None for x in e) for e in events) / n,
+            "leak/events_per_rollout": sum(len(e) for e in events) / n}
 
 
-def step_error_metrics(texts: list[str]) -> dict[str, float]:
-    """`drift/step_err_*` over the batch's long rollouts (left out when none is in the chain format)."""
+def step_error_metrics(texts: list[str], problems: list[Problem] | None = None) -> dict[str, float]:
+    """`drift/step_err_*` over the batch's long rollouts (left out when none has checked steps); with `problems`,
+    a step that recovers the oracle's line is not an error."""
     if not texts:
         return {}
+    problems = problems if problems is not None else [None] * len(texts)
     median = statistics.median(len(t) for t in texts)
-    first, last = quarter_rates([step_errors(t) for t in texts if len(t) >= median])
+    first, last = quarter_rates([step_errors(t, p) for t, p in zip(texts, problems, strict=True)
+                                 if len(t) >= median])
     return {k: v for k, v in (("drift/step_err_first_quarter", first), ("drift/step_err_last_quarter", last))
             if not math.isnan(v)}
 
 
 def rollout_diagnostics(problems: list[Problem], texts: list[str]) -> dict[str, float]:
     """`leak/*` and `drift/step_err_*` over a batch (keys left out when no rollout can be judged)."""
-    return {**shortcut_metrics(problems, texts), **step_error_metrics(texts)}
+    return {**shortcut_metrics(problems, texts), **step_error_metrics(texts, problems)}

@@ -184,6 +184,9 @@ def _directions(cfg, specs, student, tokenizer, rollouts, rewards, lengths, voca
         p_T_V = torch.softmax(z_T_V.double(), -1)
         node_recs = {t: _node_record(ri, t, ids, candidates[ri][t], p_T_V[t], values[ri, t], tokenizer)
                      for t in by_rollout[ri]}
+        for t, rec in node_recs.items():
+            rec["before_error"] = before_first_error(r.problems[0].solution,
+                                                     tokenizer.decode(ids[:t], skip_special_tokens=True))
         param_rows = _param_rows(student, r, vocab_size, params) if params else None
         for spec in specs:
             zt_T_V = scorer.logits(r, spec)
@@ -208,6 +211,15 @@ def _directions(cfg, specs, student, tokenizer, rollouts, rewards, lengths, voca
                     rec["teachers"][spec.name]["signals"][s] = entry
         nodes += [node_recs[t] for t in sorted(node_recs)]
     return nodes, records
+
+
+def before_first_error(solution: str | None, prefix_text: str) -> bool | None:
+    """Whether a completion prefix is still error-free: it is a prefix of the oracle's worked solution (None when
+    the problem has none). [R] The first error is the first departure from the trace, which in the arithmetic
+    task's fixed formats is the first wrong character."""
+    if not solution or solution.lstrip().startswith("```"):
+        return None
+    return solution.startswith(prefix_text)
 
 
 def _node_record(ri: int, t: int, ids: list[int], cands: list[int], p_V: torch.Tensor, rewards_C_n: np.ndarray,

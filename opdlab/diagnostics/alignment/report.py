@@ -10,7 +10,9 @@ How well a cheap divergence screens for alignment: Spearman rank correlation bet
 KL(q||p) and JS at the same nodes (p the student, q the teacher under that context), with average ranks for ties.
 Per question: mean alignment over each question's nodes. Per position: mean alignment by completion position.
 By success probability: the same split within bins of the node's P_succ (`P_SUCC_BINS`), since incorrect rollouts
-hold most of the nodes that come after an error (P_succ near 0).
+hold most of the nodes that come after an error (P_succ near 0); and over the nodes up to the first error (prefixes
+of the oracle's worked solution, `opdlab.diagnostics.alignment.nodes.before_first_error`), the other comparison in
+which correct and incorrect rollouts hold the same kind of node. Every cell carries its node count.
 
     from opdlab.diagnostics.alignment.result import load_result
     from opdlab.diagnostics.alignment.report import summarise, summary_table
@@ -98,10 +100,16 @@ def node_rows(result: dict) -> list[dict]:
                     continue
                 rows.append({"rollout": node["rollout"], "question": uid[node["rollout"]], "position": node["position"],
                              "p_succ": node["p_succ"], "correct": correct[node["rollout"]], "teacher": teacher,
+                             "before_error": node.get("before_error"),
                              "signal": signal,
                              "alignment": sv["alignment"], "param_alignment": sv.get("param_alignment"),
                              **{k: tv[k] for k in DIVERGENCES}})
     return rows
+
+
+def in_bin(p_succ: float, lo: float, hi: float) -> bool:
+    """P_SUCC_BINS membership: [lo, hi), the last bin closed at 1."""
+    return lo <= p_succ < hi or (hi == 1.0 and p_succ == 1.0)
 
 
 def _public(ci: dict) -> dict:
@@ -131,12 +139,13 @@ def summarise(result: dict, n_boot: int = 2000, confidence: float = 0.95, seed: 
                      "incorrect_minus_correct": difference_ci(wrong, right, confidence),
                      **{f"spearman_{k}": spearman([r[k] for r in rs], [r["alignment"] for r in rs])
                         for k in DIVERGENCES}}
-            entry["by_p_succ"] = []
-            for lo, hi in P_SUCC_BINS:
-                inside = [r for r in rs if lo <= r["p_succ"] < hi or (hi == 1.0 and r["p_succ"] == 1.0)]
-                entry["by_p_succ"].append({"lo": lo, "hi": hi, "all": _public(ci(inside)),
-                                           "correct": _public(ci([r for r in inside if r["correct"]])),
-                                           "incorrect": _public(ci([r for r in inside if not r["correct"]]))})
+            def split(inside):
+                a, b = ci([r for r in inside if r["correct"]]), ci([r for r in inside if not r["correct"]])
+                return {"all": _public(ci(inside)), "correct": _public(a), "incorrect": _public(b),
+                        "incorrect_minus_correct": difference_ci(b, a, confidence)}
+            entry["by_p_succ"] = [{"lo": lo, "hi": hi, **split([r for r in rs if in_bin(r["p_succ"], lo, hi)])}
+                                  for lo, hi in P_SUCC_BINS]
+            entry["before_first_error"] = split([r for r in rs if r["before_error"]])
             if any(r["param_alignment"] is not None for r in rs):
                 entry["param_all"] = _public(ci(rs, "param_alignment"))
             groups.append(entry)
@@ -184,17 +193,22 @@ def summary_table(result: dict) -> Table:
 
 
 def p_succ_table(result: dict) -> Table:
-    """Mean alignment within bins of the node's success probability, correct vs incorrect rollouts (node counts in
-    brackets; the intervals are in the JSON)."""
+    """Mean alignment within bins of the node's success probability and over the nodes up to the first error,
+    correct vs incorrect rollouts (node counts in brackets; the intervals are in the JSON)."""
     s = result["summary"]
-    table = Table(title="gradient alignment by the node's success probability P_succ: correct / incorrect rollouts")
+    table = Table(title="gradient alignment by the node's success probability P_succ and up to the first error: "
+                        "correct / incorrect rollouts (nodes)")
     table.add_column("teacher")
     table.add_column("signal")
     for lo, hi in P_SUCC_BINS:
         table.add_column(f"{lo:g} <= P_succ {'<=' if hi == 1.0 else '<'} {hi:g}", justify="right")
+    table.add_column("up to the first error", justify="right")
     for g in s["groups"]:
         cells = []
-        for b in g["by_p_succ"]:
+        for b in [*g["by_p_succ"], g.get("before_first_error")]:
+            if b is None:  # a result written before this stratum existed
+                cells.append("-")
+                continue
             parts = [f"{b[k]['mean']:+.2f} ({b[k]['n']})" if b[k]["mean"] is not None else "- (0)"
                      for k in ("correct", "incorrect")]
             cells.append(" / ".join(parts))

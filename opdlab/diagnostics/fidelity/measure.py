@@ -123,9 +123,11 @@ def _sample_side(source: str, model, teacher, tokenizer, task: Task, problems: l
         rewards += [float(task.verify(p, text)) for p, text in zip(problems[mb], r.texts)]
     pos, fid, ent, row = (np.concatenate(x) for x in zip(*parts))
     bins = bin_positions(pos, fid, ent, row, cfg.bin_size)
+    per_rollout = [fid[row == i][np.argsort(pos[row == i])].tolist() for i in range(len(completions))]
     return SideResult(source=source, bins=bins, fit=fit_bins(bins, cfg.min_bin_tokens),
                       accuracy=float(np.mean(rewards)), mean_length=float(np.mean([len(c) for c in completions])),
-                      rollouts=len(completions), texts=texts[:keep_texts], completions=completions, rewards=rewards)
+                      rollouts=len(completions), texts=texts[:keep_texts], completions=completions, rewards=rewards,
+                      token_fidelity=per_rollout)
 
 
 def select_problems(task: Task, cfg: FidelityConfig) -> list[Problem]:

@@ -42,9 +42,11 @@ class SideResult:
     texts: list[str]
     completions: list[list[int]] = field(default_factory=list, repr=False)  # token ids; not written to JSON
     rewards: list[float] = field(default_factory=list, repr=False)
+    # per rollout, the teacher's F at each completion position in order; not written to JSON
+    token_fidelity: list[list[float]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in ("completions", "rewards", "fit")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("completions", "rewards", "fit", "token_fidelity")}
         d["fit"] = self.fit.to_dict() if self.fit else None
         return d
 
