@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan pass a bound such as lr > 0 and then poison every weight: no float field accepts them
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -222,7 +223,7 @@ class PrivilegedObjectiveConfig(_Section):
 class AnchoredResidualConfig(_Section):
     """The anchored residual target of anchored_residual (AR-OPD)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, populate_by_name=True,
                               serialize_by_alias=True)  # "lambda" in files and dumps, `lam` in code
 
     lam: float = Field(0.8, ge=0, alias="lambda", description=(
@@ -322,7 +323,13 @@ class TrainConfig(_Section):
     save_every: int = Field(20, ge=1, description="Write a checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest removed first).")
     max_bad_steps: int = Field(3, ge=1, description=(
-        "Consecutive steps with a non-finite loss or gradient that are skipped before the run stops."))
+        "Consecutive bad steps (a non-finite loss or gradient, an update that made a weight non-finite or that "
+        "moved the weights by more than max_update_ratio) that are skipped before the run stops."))
+    max_update_ratio: float = Field(1.0, ge=0, description=(
+        "An update that changes the trained weights by more than this fraction of their norm (||dW|| / ||W||) is "
+        "undone and counted as a bad step, as is one that makes any weight non-finite. The guard keeps a copy of "
+        "the trained weights and their optimizer state through each update; 0 turns it off, and a non-finite "
+        "weight then stops the run at once, before anything is saved."))
     eval_every: int = Field(0, ge=0, description="Evaluate mean@k on the test split every N steps (0 = never).")
     sample_every: int = Field(10, ge=1, description="Write example rollouts to samples.jsonl every N steps.")
     fidelity_every: int = Field(0, ge=0, description=(

@@ -153,26 +153,87 @@ def accumulate_gradients(run: Run, rollouts: Rollouts, scores: TeacherScores) ->
     return totals
 
 
+class UpdateSnapshot:
+    """The trained parameters and their optimizer state as they were before an update, so that a bad update can be
+    undone exactly. Under FSDP each process keeps its own shards."""
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer) -> None:
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
+        self.params = params
+        self.values = [p.detach().clone() for p in params]
+        self.states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
+                       if p in self.optimizer.state else None for p in params]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, value, state in zip(self.params, self.values, self.states):
+                p.copy_(value)
+                if state is None:
+                    self.optimizer.state.pop(p, None)
+                else:
+                    self.optimizer.state[p] = state
+
+    def change_ratio(self, accelerator, device) -> float:
+        """||W_new - W_old|| / ||W_old|| over every process's trained parameters (inf when a weight is not finite)."""
+        diff2, norm2 = 0.0, 0.0
+        for p, old in zip(self.params, self.values):
+            new_local, old_local = _local(p.detach()), _local(old)
+            diff2 += (new_local.double() - old_local.double()).pow(2).sum().item()
+            norm2 += old_local.double().pow(2).sum().item()
+        diff2, norm2 = global_sum(accelerator, diff2, device), global_sum(accelerator, norm2, device)
+        return math.sqrt(diff2 / norm2) if math.isfinite(diff2) and norm2 > 0 else math.inf
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard (DTensor): this process's part
+
+
+def weights_finite(params: list[torch.nn.Parameter], accelerator, device) -> bool:
+    """Whether every trained parameter is finite on every process."""
+    bad = sum(int((~torch.isfinite(_local(p.detach()))).sum().item()) for p in params)
+    return global_sum(accelerator, bad, device) == 0
+
+
 def apply_update(run: Run, loss: float, step: int) -> float:
-    """Clip, then step the optimizer, unless the loss or the gradient is not finite: then the update is skipped, and
-    `train.max_bad_steps` such steps in a row stop the run. The EMA self-teacher and a vLLM sampler follow the new
-    weights. Returns the gradient norm."""
+    """Clip, then step the optimizer, unless the loss or the gradient is not finite; with `train.max_update_ratio`
+    > 0 an update that makes a weight non-finite or moves the weights by more than that fraction of their norm is
+    undone (weights and optimizer state). Such a step is skipped and `train.max_bad_steps` in a row stop the run.
+    The EMA self-teacher and a vLLM sampler follow the new weights. Returns the gradient norm."""
     cfg = run.cfg
     grad_norm = run.accelerator.clip_grad_norm_(run.prepared.parameters(), cfg.train.grad_clip).item()
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    problem = None if math.isfinite(loss) and math.isfinite(grad_norm) else \
+        f"non-finite loss {loss} / grad norm {grad_norm}"
+    if problem is None:
+        params = [p for p in run.prepared.parameters() if p.requires_grad]
+        snapshot = UpdateSnapshot(params, run.optimizer) if cfg.train.max_update_ratio else None
         run.optimizer.step()
+        if snapshot is None:
+            if not weights_finite(params, run.accelerator, run.device):
+                raise TrainingError(f"step {step + 1}: the update made some weights non-finite (train.lr "
+                                    f"{run.scheduler.get_last_lr()[0]:g}); nothing was saved after it, the last "
+                                    f"checkpoint in {run.ckpt_root} is intact. Lower train.lr, or set "
+                                    f"train.max_update_ratio > 0 to skip such updates")
+        else:
+            ratio = snapshot.change_ratio(run.accelerator, run.device)
+            if not ratio <= cfg.train.max_update_ratio:
+                snapshot.restore()
+                problem = (f"the update would have made weights non-finite" if not math.isfinite(ratio) else
+                           f"the update would have moved the weights by {ratio:.3g} of their norm "
+                           f"(train.max_update_ratio {cfg.train.max_update_ratio:g})")
+    if problem is None:
         run.bad_steps = 0
         if run.ema_teacher is not None:
             with full_params(run.prepared):
                 run.ema_teacher.update(run.student)
         run.sampler.push_weights(run.student)  # a vLLM engine samples the next step from the new weights
-    else:  # never let a NaN/inf reach the weights
+    else:  # never let a NaN/inf or a runaway update reach the weights
         run.optimizer.zero_grad(set_to_none=True)
         run.bad_steps += 1
-        tqdm.write(f"step {step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped")
+        tqdm.write(f"step {step + 1}: {problem}; update skipped")
         if run.bad_steps >= cfg.train.max_bad_steps:
-            raise TrainingError(f"{run.bad_steps} consecutive non-finite steps (last at step {step + 1}); "
-                                f"weights are those of the last good step, checkpoint in {run.ckpt_root}")
+            raise TrainingError(f"{run.bad_steps} bad steps in a row (last at step {step + 1}: {problem}); the "
+                                f"weights are those before them, and the last checkpoint in {run.ckpt_root} is "
+                                f"intact. Lower train.lr or look at the loss")
     run.scheduler.step()
     return grad_norm
 

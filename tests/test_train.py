@@ -192,7 +192,7 @@ def test_nan_step_is_skipped(model_dirs, tmp_path, monkeypatch):
 def test_repeated_nan_stops_with_weights_untouched(model_dirs, tmp_path, monkeypatch):
     nan_on_calls(monkeypatch, "all")
     run = tmp_path / "allnan"
-    with pytest.raises(TrainingError, match="2 consecutive non-finite"):
+    with pytest.raises(TrainingError, match="2 bad steps in a row"):
         train(make_cfg(model_dirs, run, "train.steps=5", "train.save_every=1", "train.max_bad_steps=2"),
               progress=False)
     assert_same_weights(weights(run, 1), init_weights(model_dirs), atol=0)
