@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: privileged_main(argv[1:]))
     if argv[:1] == ["diagnose"] and (len(argv) == 1 or argv[1] not in (*DIAGNOSTICS, "-h", "--help")):
         argv.insert(1, "preconditions")  # `opdlab diagnose [--pair P] ...` measures the preconditions
+    if argv[:1] == ["train"] and "--resume" in argv:  # `train CONFIG --resume k=v`: overrides after the flag too
+        argv.remove("--resume")
+        argv.insert(1, "--resume")
     args = _parser().parse_args(argv)
     return _guarded(lambda: _dispatch(args))
 

@@ -43,6 +43,47 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite losses); the last checkpoint is intact."""
 
 
+# The fields `--resume` may change: how long the run goes on, how often it saves, evaluates and logs, where it logs,
+# its guards and the machinery around it. Anything else (the models, the task, the objective, the learning rate,
+# the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
+RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
+             "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
+             "rollout.kv_cache", "device", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resumable(name: str) -> bool:
+    return any(name == r or (r.endswith(".*") and name.startswith(r[:-1])) for r in RESUMABLE)
+
+
+def check_resume_config(saved_path: Path, cfg: RunConfig) -> list[str]:
+    """The resumable fields `cfg` changes against the run's saved config (`field: old -> new`); a TrainingError
+    naming every other changed field, which a resumed run cannot take."""
+    try:
+        saved = load_config(saved_path, [], RunConfig)
+    except Exception as e:  # noqa: BLE001 - an unreadable record does not block a resume; say so
+        print(f"--resume: cannot compare with {saved_path} ({e}); resuming with the config given", file=sys.stderr)
+        return []
+    old, new = _flat(saved.model_dump(mode="json", by_alias=True)), _flat(cfg.model_dump(mode="json", by_alias=True))
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k)]
+    refused = [c for c in changed if not resumable(c.split(":")[0])]
+    if refused:
+        raise TrainingError(f"--resume cannot change {', '.join(refused)} (the run in {saved_path.parent} was "
+                            f"started with the old values, which its checkpoint's state depends on). A resumed run "
+                            f"may change only {', '.join(RESUMABLE)}; start a new run (another run_dir) for the rest")
+    return changed
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A run's config from YAML + dotted overrides (`opdlab.config.load_config`), with its objective's name checked
     against the objective table: every problem with the config is a `ConfigError` before anything is computed."""
@@ -123,11 +164,16 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     if not resume and latest_checkpoint(ckpt_root) is not None:
         raise TrainingError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                             f"or choose another run_dir")
+    # every process compares (before the main one rewrites the file), so that a refusal stops them all
+    changes = check_resume_config(run_dir / "config.yaml", cfg) if resume and (run_dir / "config.yaml").is_file() \
+        else []
     accelerator = make_accelerator(cfg.device)  # this process of `accelerate launch` / `torchrun`, or the only one
     main = accelerator.is_main_process
     if main:
+        for change in changes:
+            print(f"resume: {change}", file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml")  # what runs, resumed or not
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
     seed_everything(cfg.train.seed)
 
