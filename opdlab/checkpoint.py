@@ -111,15 +111,19 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state:
     final = ckpt_root / f"step-{step:06d}"
     tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    with open(tmp / "trainer_state.pt", "wb") as f:
-        torch.save(trainer_state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    for p in (tmp / "model").iterdir():
-        with open(p, "rb+") as f:
+    try:
+        model.save_pretrained(tmp / "model", state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        with open(tmp / "trainer_state.pt", "wb") as f:
+            torch.save(trainer_state, f)
+            f.flush()
             os.fsync(f.fileno())
+        for p in (tmp / "model").iterdir():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # a failed write (a full disk) or an interrupt: no half-written copy is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # a re-run of the same step after a crash: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -128,6 +132,39 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state:
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(ckpt_root: Path) -> int:
+    """Remove the temporary checkpoint directories (`.step-N.tmp-PID`) that a killed process left behind (its PID
+    no longer alive); returns how many. With a real model each holds gigabytes."""
+    if not ckpt_root.is_dir():
+        return 0
+    removed = 0
+    for p in ckpt_root.glob(".step-*.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def checkpoint_bytes(model) -> int:
+    """About how many bytes one checkpoint of `model` takes: the saved weights (a LoRA student's adapters alone)
+    plus AdamW's two fp32 moments of each trained parameter."""
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    trained = sum(p.numel() * 4 for p in params if p.requires_grad)
+    saved = trained if is_adapted(model) else sum(p.numel() * p.element_size() for p in params)
+    return saved + 2 * trained
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

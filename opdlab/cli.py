@@ -208,7 +208,7 @@ def _guarded(run) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line; OPDLAB_DEBUG=1 shows the trace
         if os.environ.get("OPDLAB_DEBUG") or not isinstance(e, (ModelLoadError, TrainingError, ValueError,
-                                                                  FileNotFoundError, RemoteTeacherError)):
+                                                                  OSError, RemoteTeacherError)):
             raise
         print(f"opdlab: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,8 @@ divides `rollout.prompts_per_step` resumes (`opdlab.distributed`).
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +21,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from opdlab.checkpoint import (latest_checkpoint, load_checkpoint, load_optimizer_state, rng_state, save_checkpoint,
-                               set_rng_state)
+from opdlab.checkpoint import (checkpoint_bytes, latest_checkpoint, load_checkpoint, load_optimizer_state,
+                               remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from opdlab.config import RunConfig, load_config, save_config
 from opdlab.diagnostics.fidelity.measure import FidelityProbe
 from opdlab.distributed import PreparedStudent, StudentDecoder, fsdp_units, make_accelerator
@@ -135,12 +137,55 @@ class Run:
                                self.cfg.scoring.chunk_size)
 
     def save(self, step: int, model_state: dict, optimizer_state: dict) -> None:
-        """Checkpoint `step` (main process; `model_state` / `optimizer_state` gathered by every process)."""
+        """Checkpoint `step` (main process; `model_state` / `optimizer_state` gathered by every process). A failed
+        write (a full disk) is a TrainingError that says the previous checkpoint is intact."""
+        try:
+            self._save(step, model_state, optimizer_state)
+        except OSError as e:
+            previous = latest_checkpoint(self.ckpt_root)
+            kept = f"the previous checkpoint {previous.name} is intact" if previous else "no checkpoint was written yet"
+            raise TrainingError(f"writing checkpoint step {step} under {self.ckpt_root} failed: {e}; {kept} and "
+                                f"nothing half-written was left; free some space, then `--resume`") from None
+
+    def _save(self, step: int, model_state: dict, optimizer_state: dict) -> None:
         save_checkpoint(self.ckpt_root, step, self.student, self.tokenizer, {
             "step": step, "data_position": self.stream.position, "bad_steps": self.bad_steps,
             "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.generator),
             **({"ema_teacher": self.ema_teacher.state_dict()} if self.ema_teacher is not None else {})},
             keep=self.cfg.train.keep_checkpoints, model_state=model_state)
+
+
+# what a run directory holds, and of which kind (the TensorBoard events are a directory of their own)
+RUN_FILES = {"checkpoints": "dir", "config.yaml": "file", "metrics.jsonl": "file", "samples.jsonl": "file",
+             "fidelity.jsonl": "file"}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Before any compute: `run_dir` is a writable directory (made if missing) and nothing in it that a run writes
+    is of the wrong kind (a file named `checkpoints`, a directory named `metrics.jsonl`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run_dir {run_dir} is a file, not a directory: choose another run_dir")
+    for name, kind in RUN_FILES.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != (kind == "dir"):
+            raise TrainingError(f"{path} should be a {'directory' if kind == 'dir' else 'file'} but is a "
+                                f"{'directory' if path.is_dir() else 'file'}: move it away or choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"run_dir {run_dir} is not writable ({e.strerror or e}): choose another run_dir") from None
+
+
+def check_free_space(run_dir: Path, student) -> None:
+    """Refuse to start when `run_dir`'s disk cannot hold one more checkpoint of `student`."""
+    need, free = checkpoint_bytes(student), shutil.disk_usage(run_dir).free
+    if free < need:
+        raise TrainingError(f"{run_dir} has {free / 2**20:.0f} MiB free, and one checkpoint of this student needs "
+                            f"about {need / 2**20:.0f} MiB (weights and optimizer state): free some space or "
+                            f"choose another run_dir")
 
 
 def _load_teacher(cfg: RunConfig, student, tokenizer, device):
@@ -170,9 +215,12 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     accelerator = make_accelerator(cfg.device)  # this process of `accelerate launch` / `torchrun`, or the only one
     main = accelerator.is_main_process
     if main:
+        check_run_dir(run_dir)
+        if removed := remove_stale_temporaries(ckpt_root):
+            print(f"removed {removed} temporary checkpoint director{'y' if removed == 1 else 'ies'} left by an "
+                  f"interrupted write in {ckpt_root}", file=sys.stderr)
         for change in changes:
             print(f"resume: {change}", file=sys.stderr)
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")  # what runs, resumed or not
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
     seed_everything(cfg.train.seed)
@@ -181,6 +229,8 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     if main:
         print(f"precision: {precision}; student on {device}", file=sys.stderr, flush=True)
     student, tokenizer = load_model(cfg.student, device, trainable=True, precision=precision, name="student")
+    if main:
+        check_free_space(run_dir, student)
     if cfg.train.gradient_checkpointing:  # sampling runs in eval mode, where transformers keeps the KV cache
         student.activation_checkpointing_enable()
     teacher, ema_teacher, teacher_tokenizer = _load_teacher(cfg, student, tokenizer, device)

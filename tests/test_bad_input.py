@@ -5,10 +5,12 @@ run_dir override, a model path that does not exist, serve-teacher on a port in u
 """
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
 import pytest
+import torch
 
 from opdlab.config import ConfigError, load_config
 from opdlab.models.loading import ModelLoadError, check_local
@@ -78,3 +80,100 @@ def test_demo_run_dir_override_is_honoured(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(str(tmp_path / "default"), [])
     assert seen["cfg"].run_dir == str(tmp_path / "default")
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def _train_cli(model_dirs, run, *extra) -> int:
+    from opdlab import cli
+    from test_train import overrides
+    return cli.main(["train", "-", *overrides(model_dirs, run, *extra)])
+
+
+@pytest.mark.parametrize("layout, words", [
+    ("run_dir_is_file", "is a file, not a directory"),
+    ("checkpoints_is_file", "checkpoints should be a directory"),
+    ("metrics_is_dir", "metrics.jsonl should be a file"),
+])
+def test_run_dir_of_the_wrong_kind_is_refused_before_any_compute(model_dirs, tmp_path, capsys, monkeypatch,
+                                                                 layout, words):
+    import opdlab.run
+    run = tmp_path / "run"
+    if layout == "run_dir_is_file":
+        run.write_text("")
+    else:
+        run.mkdir()
+        (run / "checkpoints").write_text("") if layout == "checkpoints_is_file" else (run / "metrics.jsonl").mkdir()
+    loads = []
+    monkeypatch.setattr(opdlab.run, "load_model", lambda *a, **k: loads.append(a) or 1 / 0)
+    assert _train_cli(model_dirs, run) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and not loads  # no model was loaded
+
+
+def test_unwritable_run_dir_is_refused(model_dirs, tmp_path, capsys):
+    assert _train_cli(model_dirs, "/proc/opdlab-run") == 1  # /proc refuses new entries, even to root
+    err = capsys.readouterr().err
+    assert "run_dir /proc/opdlab-run is not writable" in err and "Traceback" not in err
+
+
+def test_too_little_free_space_for_one_checkpoint_is_refused(model_dirs, tmp_path, capsys, monkeypatch):
+    import shutil as real_shutil
+
+    import opdlab.run
+    from opdlab.checkpoint import checkpoint_bytes
+    from transformers import AutoModelForCausalLM
+    need = checkpoint_bytes(AutoModelForCausalLM.from_pretrained(model_dirs["student"]))
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(opdlab.run.shutil, "disk_usage", lambda p: usage._replace(free=need - 1))
+    assert _train_cli(model_dirs, tmp_path / "full") == 1
+    err = capsys.readouterr().err
+    assert "MiB free" in err and "one checkpoint of this student needs" in err
+    assert not (tmp_path / "full" / "metrics.jsonl").exists()
+    # and the estimate is of the right size: a checkpoint on disk holds the weights and two Adam moments
+    monkeypatch.undo()
+    run = tmp_path / "sized"
+    assert _train_cli(model_dirs, run, "train.steps=1") == 0
+    ckpt = next((run / "checkpoints").glob("step-*"))
+    on_disk = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    assert 0.8 * need < on_disk < 1.5 * need
+
+
+def test_failed_checkpoint_write_is_a_clear_error_and_leaves_the_previous_one(model_dirs, tmp_path, capsys,
+                                                                              monkeypatch):
+    import errno
+
+    import opdlab.checkpoint
+    from test_train import weights
+    run, real, calls = tmp_path / "enospc", opdlab.checkpoint.torch.save, []
+
+    def save_then_fill(obj, f, *a, **k):  # the second checkpoint's trainer state meets a full disk
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(f.name))
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(opdlab.checkpoint.torch, "save", save_then_fill)
+    assert _train_cli(model_dirs, run, "train.steps=4", "train.save_every=2") == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "step-000002 is intact" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000002"]
+    assert all(torch.isfinite(v).all() for v in weights(run, 2).values())
+
+
+def test_stale_temporary_checkpoints_are_removed_at_start(model_dirs, tmp_path, capsys):
+    run = tmp_path / "stale"
+    assert _train_cli(model_dirs, run, "train.steps=2") == 0
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = run / "checkpoints" / f".step-000004.tmp-{dead.pid}"
+    (stale / "model").mkdir(parents=True)
+    alive = run / "checkpoints" / f".step-000004.tmp-{os.getppid()}"  # a live process's write: left alone
+    alive.mkdir()
+    capsys.readouterr()
+    from opdlab import cli
+    from test_train import overrides
+    assert cli.main(["train", "-", *overrides(model_dirs, run, "train.steps=3"), "--resume"]) == 0
+    assert "removed 1 temporary checkpoint directory" in capsys.readouterr().err
+    assert not stale.exists() and alive.exists()
