@@ -167,6 +167,9 @@ def test_answer_has_vllm_completions_shape(served, teacher_pair):
     ({"prompt": [1, 2], "max_tokens": 7}, None, 400, "max_tokens must be 0 or 1"),
     ({"prompt": [1, 2], "model": "other"}, None, 404, "does not exist"),
     ([1, 2], None, 400, "JSON object"),
+    ({"prompt": [5] * 512, "max_tokens": 1}, None, 400, "maximum context length is 512 tokens. However, you "
+                                                         "requested 513 tokens"),
+    ({"prompt": [[5, 6], [5] * 600], "max_tokens": 0}, None, 400, "requested 600 tokens"),
 ])
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(served, body, raw, status, words):
     got, answer = post(served.url, body, raw=raw)
@@ -316,3 +319,15 @@ def test_run_with_killed_teacher_fails_clearly_and_resumes(model_dirs, tmp_path)
     train(make_cfg(model_dirs, reference, f"train.steps={total}"), progress=False)
     assert max_diff(weights(run, total), weights(reference, total)) < 1e-5
     assert max_diff(weights(reference, total), init_weights(model_dirs)) > 1e-4
+
+
+def test_a_prompt_past_the_context_is_refused_at_once_by_the_client(served):
+    """The server's 400 is not retried: the client's error carries the server's reason, immediately."""
+    import time
+
+    from opdlab.teacher.remote import RemoteTeacher, RemoteTeacherError
+    client = RemoteTeacher(served.url, retries=3, backoff_s=5.0)
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteTeacherError, match="refused the request: HTTP 400.*maximum context length is 512"):
+        client._request("/v1/completions", {"prompt": [5] * 2000, "max_tokens": 1, "prompt_logprobs": 1})
+    assert time.perf_counter() - t0 < 5.0  # no back-off: not a single retry

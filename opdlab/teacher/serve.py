@@ -84,6 +84,17 @@ class TeacherService:
             seqs.append(p)
         return seqs
 
+    def _check_context(self, seqs: list[list[int]], max_tokens: int) -> None:
+        """A prompt longer than the model's positions is refused as vLLM refuses it (scoring it would run the
+        position embedding past its table, or a rotary embedding past its trained range: finite, wrong numbers)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max(len(s) for s in seqs)
+        if limit is not None and longest + max_tokens > limit:
+            raise RequestError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                    f"requested {longest + max_tokens} tokens ({longest} in the messages, "
+                                    f"{max_tokens} in the completion). Please reduce the length of the messages "
+                                    f"or completion.")
+
     def _count(self, body: dict, key: str) -> int | None:
         v = body.get(key)
         if v is None:
@@ -146,6 +157,7 @@ class TeacherService:
         max_tokens = body.get("max_tokens", 16)
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens not in (0, 1):
             raise RequestError(400, f"max_tokens must be 0 or 1 (this server scores prompts), got {max_tokens!r}")
+        self._check_context(seqs, max_tokens)
         if body.get("stream"):
             raise RequestError(400, "stream is not supported")
         if body.get("n", 1) != 1:
