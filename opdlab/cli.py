@@ -48,12 +48,12 @@ from opdlab.models.loading import ModelLoadError
 from opdlab.objectives import OBJECTIVES
 from opdlab.report import plot_training_curves, redraw_run
 from opdlab.run import load_run_config
-from opdlab.runtime import resolve_device, resolve_precision
+from opdlab.runtime import PREEMPTED_EXIT_CODE, resolve_device, resolve_precision
 from opdlab.sft import SFTConfig, run_sft
 from opdlab.tasks import make_task
 from opdlab.teacher.remote import RemoteTeacherError
 from opdlab.teacher.serve import serve
-from opdlab.train import TrainingError, train
+from opdlab.train import Preempted, TrainingError, train
 
 
 class EvalRunConfig(_Section):
@@ -202,6 +202,9 @@ def _guarded(run) -> int:
     except ConfigError as e:
         print(f"opdlab: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"opdlab: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("opdlab: interrupted; `opdlab train CONFIG --resume` continues from the last checkpoint",
               file=sys.stderr)

@@ -45,6 +45,14 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite losses); the last checkpoint is intact."""
 
 
+class Preempted(TrainingError):
+    """The run was asked to stop (SIGTERM, SIGINT) and wrote a checkpoint of the step it had reached."""
+
+    def __init__(self, signal_name: str, step: int, ckpt_root: Path):
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {ckpt_root / f'step-{step:06d}'}; "
+                         f"`opdlab train CONFIG --resume` continues from there")
+
+
 # The fields `--resume` may change: how long the run goes on, how often it saves, evaluates and logs, where it logs,
 # its guards and the machinery around it. Anything else (the models, the task, the objective, the learning rate,
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.

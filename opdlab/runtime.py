@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 
 import numpy as np
 import torch
@@ -66,3 +67,42 @@ def autocast(precision: str, device: torch.device):
     for a trained model), nothing under 'fp32'. Losses make their log-softmax in fp32 either way
     (`opdlab.models.logprobs.chunk_logits`)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+# The exit status of a run stopped by SIGTERM / SIGINT after writing a checkpoint (EX_TEMPFAIL: try again later,
+# i.e. `--resume`), distinct from an error (1) and a bad config (2), so a cluster script can requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class StopSignals:
+    """Within `with StopSignals() as stop:`, SIGTERM and SIGINT are recorded instead of killing the process, so the
+    loop can finish its step, write a checkpoint and stop (`stop.requested`, `stop.name`). A second signal while the
+    first is pending interrupts at once (KeyboardInterrupt), as an impatient Ctrl-C expects; checkpoints are written
+    atomically, so even that loses nothing but the step. The old handlers come back on exit. Outside the main thread
+    (where Python cannot install handlers) it records nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._old: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.name is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        try:
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread
+            self._old = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)

@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from opdlab.checkpoint import full_state
 from opdlab.config import RunConfig
 from opdlab.objectives import get_objective
-from opdlab.run import TrainingError, build_run
-from opdlab.runtime import resolve_device, resolve_precision
+from opdlab.distributed import global_sum
+from opdlab.run import Preempted, TrainingError, build_run
+from opdlab.runtime import StopSignals, resolve_device, resolve_precision
 from opdlab.step import (accumulate_gradients, apply_update, batch_counts, evaluate_and_probe, sample_rollouts,
                          score_rollouts, step_metrics, with_rewards)
 
-__all__ = ["TrainingError", "resolve_defaults", "train"]
+__all__ = ["Preempted", "TrainingError", "resolve_defaults", "train"]
 
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
@@ -47,7 +48,13 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the run directory."""
+    """Run (or resume) training; returns the run directory. SIGTERM or SIGINT ends the step under way, writes a
+    checkpoint and raises `Preempted` (the CLI exits with `PREEMPTED_EXIT_CODE`)."""
+    with StopSignals() as stop:
+        return _train(cfg, resume, progress, stop)
+
+
+def _train(cfg: RunConfig, resume: bool, progress: bool, stop: StopSignals) -> Path:
     run = build_run(resolve_defaults(cfg), resume)
     cfg = run.cfg
     bar = tqdm(range(run.start_step, cfg.train.steps), initial=run.start_step, total=cfg.train.steps,
@@ -73,18 +80,21 @@ def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         diagnostics = run.task.rollout_diagnostics(problems, rollouts.texts) if on_policy else {}
         metrics = step_metrics(run, totals, counts, on_policy=on_policy, grad_norm=grad_norm,
                                times=(t0, t1, t2, t3), diagnostics=diagnostics)
-        saving = (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps
+        stopping = global_sum(run.accelerator, stop.requested, run.device) > 0  # a signal on any process
+        saving = stopping or (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps
         model_state, optimizer_state = full_state(run.student, run.optimizer) if saving else ({}, {})
         metrics.update(evaluate_and_probe(run, step))
-        if not run.main:
-            continue
-        run.logger.log(step + 1, metrics)
-        if (step + 1) % cfg.train.sample_every == 0 or step == run.start_step:
-            run.logger.samples(step + 1, rollouts, rewards, scores)
-        bar.set_postfix(loss=f"{totals.loss:.3f}", rkl=f"{metrics.get('train/reverse_kl', 0):.3f}",
-                        reward=f"{metrics.get('train/reward', math.nan):.2f}")
-        if saving:
-            run.save(step + 1, model_state, optimizer_state)
+        if run.main:
+            run.logger.log(step + 1, metrics)
+            if (step + 1) % cfg.train.sample_every == 0 or step == run.start_step:
+                run.logger.samples(step + 1, rollouts, rewards, scores)
+            bar.set_postfix(loss=f"{totals.loss:.3f}", rkl=f"{metrics.get('train/reverse_kl', 0):.3f}",
+                            reward=f"{metrics.get('train/reward', math.nan):.2f}")
+            if saving:
+                run.save(step + 1, model_state, optimizer_state)
+        if stopping and step + 1 < cfg.train.steps:  # every process together, once the checkpoint is written
+            run.accelerator.wait_for_everyone()
+            raise Preempted(stop.name or "a signal to another process", step + 1, run.ckpt_root)
     run.accelerator.wait_for_everyone()
     if run.main:
         run.logger.close()
