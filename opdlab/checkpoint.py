@@ -19,10 +19,12 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -121,8 +123,10 @@ def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state:
         for p in (tmp / "model").iterdir():
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
-    except BaseException:  # a failed write (a full disk) or an interrupt: no half-written copy is left behind
+    except BaseException as e:  # a failed write (a full disk) or an interrupt: no half-written copy is left behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError):  # safetensors reports a failed write (ENOSPC) as its own error type
+            raise OSError(f"writing {tmp / 'model'}: {e}") from e
         raise
     if final.exists():  # a re-run of the same step after a crash: replace it
         shutil.rmtree(final)
@@ -183,19 +187,45 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+class CheckpointMismatch(RuntimeError):
+    """A readable checkpoint of another model: an error in the run's config, not a damaged file."""
+
+
+def load_latest_checkpoint(ckpt_root: Path, model) -> tuple[Path, dict] | None:
+    """(checkpoint, trainer state) of the newest checkpoint under `ckpt_root` that loads, its weights loaded into
+    `model`; None when there is none. A damaged one (a truncated or unreadable file: a disk that filled up, a copy cut
+    short) is reported and skipped for the one before it, so a resume loses the steps since then, not the run."""
+    newest = latest_checkpoint(ckpt_root)
+    if newest is None:
+        return None
+    candidates = [newest, *reversed([p for p in list_checkpoints(ckpt_root) if p.name < newest.name])]
+    for ckpt in candidates:
+        try:
+            return ckpt, load_checkpoint(ckpt, model)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors, zip and pickle errors of a damaged file
+            print(f"checkpoint {ckpt} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                  f"falling back to the one before it", file=sys.stderr, flush=True)
+    return None
+
+
 def load_checkpoint(ckpt: Path, model) -> dict:
     """Load the model weights (a LoRA student's adapters) in place and return the trainer state."""
     if is_adapted(model):
         load_adapter_weights(model, ckpt / "model")
         return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    files = sorted((ckpt / "model").glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors) in {ckpt / 'model'}")
     weights = {}
-    for f in sorted((ckpt / "model").glob("*.safetensors")):
+    for f in files:
         weights.update(load_file(f, device=str(next(model.parameters()).device)))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+        raise CheckpointMismatch(f"checkpoint {ckpt} does not match the model: missing "
+                                 f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return torch.load(ckpt / "trainer_state.pt", weights_only=False)
 
 

@@ -142,6 +142,9 @@ class TaskConfig(_Section):
     file: FileTaskConfig = Field(default_factory=FileTaskConfig, description="file: where rows come from.")
     gym: GymTaskConfig = Field(default_factory=GymTaskConfig, description="reasoning_gym: the generator.")
     code: CodeTaskConfig = Field(default_factory=CodeTaskConfig, description="code: problems, reward and limits.")
+    allow_data_change: bool = Field(False, description=(
+        "Let `--resume` go on when the training problems differ from those the run started on (their digest is "
+        "kept in each checkpoint); by default that is an error, since the data position would point elsewhere."))
 
     @model_validator(mode="after")
     def _check(self):

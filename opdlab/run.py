@@ -12,6 +12,7 @@ divides `rollout.prompts_per_step` resumes (`opdlab.distributed`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from opdlab.checkpoint import (checkpoint_bytes, latest_checkpoint, load_checkpoint, load_optimizer_state,
+from opdlab.checkpoint import (checkpoint_bytes, latest_checkpoint, load_latest_checkpoint, load_optimizer_state,
                                remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from opdlab.config import RunConfig, load_config, save_config
 from opdlab.diagnostics.fidelity.measure import FidelityProbe
@@ -57,8 +58,8 @@ class Preempted(TrainingError):
 # its guards and the machinery around it. Anything else (the models, the task, the objective, the learning rate,
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
-             "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
-             "rollout.kv_cache", "device", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
+             "train.fidelity_every", "task.allow_data_change", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
+             "rollout.kv_cache", "device", "run_dir", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, object]:
@@ -132,6 +133,7 @@ class Run:
     sampler: Sampler
     logger: MetricsLogger | None  # main process only
     fidelity_probe: FidelityProbe | None
+    data_digest: str = ""  # `problems_digest` of the training problems
     start_step: int = 0
     bad_steps: int = 0
 
@@ -157,7 +159,8 @@ class Run:
 
     def _save(self, step: int, model_state: dict, optimizer_state: dict) -> None:
         save_checkpoint(self.ckpt_root, step, self.student, self.tokenizer, {
-            "step": step, "data_position": self.stream.position, "bad_steps": self.bad_steps,
+            "step": step, "data_position": self.stream.position, "data_digest": self.data_digest,
+            "bad_steps": self.bad_steps,
             "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.generator),
             **({"ema_teacher": self.ema_teacher.state_dict()} if self.ema_teacher is not None else {})},
             keep=self.cfg.train.keep_checkpoints, model_state=model_state)
@@ -166,6 +169,28 @@ class Run:
 # what a run directory holds, and of which kind (the TensorBoard events are a directory of their own)
 RUN_FILES = {"checkpoints": "dir", "config.yaml": "file", "metrics.jsonl": "file", "samples.jsonl": "file",
              "fidelity.jsonl": "file"}
+
+
+def problems_digest(problems) -> str:
+    """A digest of the training problems in order (question, answer, solution), kept in each checkpoint so that a
+    resumed run notices data that changed under it."""
+    h = hashlib.sha256()
+    for p in problems:
+        for part in (p.question, p.answer, p.solution or ""):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def check_same_data(saved: str | None, now: str, cfg: RunConfig) -> None:
+    """The resumed run's training problems against the digest its checkpoint recorded."""
+    if saved is None:
+        print("resume: this checkpoint does not record its training data; not checked", file=sys.stderr)
+    elif saved != now and not cfg.task.allow_data_change:
+        where = cfg.task.file.train_path if cfg.task.name == "file" else f"the {cfg.task.name} task"
+        raise TrainingError(f"--resume: the training problems of {where} are not those the run started on (digest "
+                            f"{saved[:12]} in the checkpoint, {now[:12]} now): the data changed since. Restore it, "
+                            f"start a new run, or pass task.allow_data_change=true to go on with the new data")
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -254,6 +279,7 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     masked_ids = masked_token_ids(tokenizer, teacher_tokenizer, cfg.objective.mask_tokens, cfg.objective.auto_mask,
                                   keep=stop_token_ids(student, tokenizer), templates_agree=templates_agree)
     stream = ProblemStream(train_problems, seed=cfg.task.seed)
+    data_digest = problems_digest(train_problems)
     trained = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's adapters alone
     optimizer = torch.optim.AdamW(trained, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
@@ -261,10 +287,11 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     start_step, bad_steps, state = 0, 0, None
     if resume:
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise TrainingError(f"--resume: no checkpoint under {ckpt_root}")
-        state = load_checkpoint(ckpt, student)  # the whole model, before `prepare` shards it (FSDP)
+        found = load_latest_checkpoint(ckpt_root, student)  # the whole model, before `prepare` shards it (FSDP)
+        if found is None:
+            raise TrainingError(f"--resume: no checkpoint (none that can be read) under {ckpt_root}")
+        ckpt, state = found
+        check_same_data(state.get("data_digest"), data_digest, cfg)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         stream.position, start_step, bad_steps = state["data_position"], state["step"], state["bad_steps"]
@@ -295,4 +322,4 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
                vocab_size=pairing.vocab_size, task=task, objective=objective,
                teacher_request=objective.teacher_request(cfg.objective), masked_ids=masked_ids, stream=stream,
                optimizer=optimizer, scheduler=scheduler, generator=generator, sampler=sampler, logger=logger,
-               fidelity_probe=fidelity_probe, start_step=start_step, bad_steps=bad_steps)
+               fidelity_probe=fidelity_probe, data_digest=data_digest, start_step=start_step, bad_steps=bad_steps)
