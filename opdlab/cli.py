@@ -33,7 +33,7 @@ from pydantic import Field
 from rich.console import Console
 
 from opdlab.checkpoint import export_checkpoint
-from opdlab.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, TaskConfig, _Section, describe,
+from opdlab.config import (THREADS_DOC, ConfigError, EvalConfig, ModelConfig, RunConfig, TaskConfig, _Section, describe,
                            load_config)
 from opdlab.diagnostics.alignment import run as alignment_diagnostic
 from opdlab.diagnostics.fidelity import measure as fidelity_diagnostic
@@ -48,7 +48,7 @@ from opdlab.models.loading import ModelLoadError
 from opdlab.objectives import OBJECTIVES
 from opdlab.report import plot_training_curves, redraw_run
 from opdlab.run import load_run_config
-from opdlab.runtime import PREEMPTED_EXIT_CODE, resolve_device, resolve_precision
+from opdlab.runtime import PREEMPTED_EXIT_CODE, resolve_device, resolve_precision, set_threads
 from opdlab.sft import SFTConfig, run_sft
 from opdlab.tasks import make_task
 from opdlab.teacher.remote import RemoteTeacherError
@@ -68,6 +68,7 @@ class EvalRunConfig(_Section):
     seed: int = Field(0, description="Sampling seed.")
     output: str | None = Field(None, description="Write the result as JSON here (default: print only).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
+    threads: int | None = Field(None, ge=1, description=THREADS_DOC)
 
 
 # `opdlab diagnose NAME`: NAME -> (module, one-line help). Each module exposes CONFIG (its typed config class) and
@@ -261,6 +262,7 @@ def _eval(args, console) -> None:
     if args.model:
         items.append(f"model.path={args.model}")
     cfg = _config_and_overrides(config, items, EvalRunConfig)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     result = evaluate_model(cfg.model, make_task(cfg.task), cfg.eval, device=device, precision=precision,

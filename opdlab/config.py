@@ -310,6 +310,11 @@ class ObjectiveConfig(_Section):
     lookahead: LookaheadConfig = Field(default_factory=LookaheadConfig, description="lookahead.")
 
 
+THREADS_DOC = ("CPU threads of each process (torch.set_num_threads). On the CPU a run's numbers depend on the thread "
+               "count, which changes how sums are split: fix it where runs must agree across machines (the demo "
+               "pins 2). None: torch's default, the core count.")
+
+
 class TrainConfig(_Section):
     steps: int = Field(40, ge=1, description="Optimizer steps.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
@@ -346,6 +351,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description=(
         "Recompute the student's layer activations in the backward pass instead of keeping them (less memory, "
         "about one more forward of time); sampling still uses the KV cache."))
+    threads: int | None = Field(None, ge=1, description=THREADS_DOC)
 
 
 class EvalConfig(_Section):

@@ -33,7 +33,7 @@ from opdlab.models.prompts import check_completion_agreement, stop_token_ids
 from opdlab.objectives import Objective, check_objective
 from opdlab.rollout.masking import masked_token_ids, special_token_ids
 from opdlab.rollout.samplers import Sampler, make_sampler
-from opdlab.runtime import autocast, make_scheduler, resolve_device, seed_everything
+from opdlab.runtime import autocast, make_scheduler, resolve_device, seed_everything, set_threads
 from opdlab.tasks import Task, make_task
 from opdlab.tasks.base import ProblemStream
 from opdlab.teacher.remote import connect_teacher
@@ -256,6 +256,7 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
             print(f"resume: {change}", file=sys.stderr)
         save_config(cfg, run_dir / "config.yaml")  # what runs, resumed or not
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.device)
+    set_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
 
     precision = cfg.train.precision  # resolved by `opdlab.train.resolve_defaults`

@@ -19,10 +19,10 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from opdlab.config import ModelConfig, TaskConfig, _Section, save_config
+from opdlab.config import THREADS_DOC, ModelConfig, TaskConfig, _Section, save_config
 from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
 from opdlab.models.prompts import render_prompt
-from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything
+from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything, set_threads
 from opdlab.tasks import make_task
 from opdlab.tasks.base import ProblemStream
 
@@ -50,6 +50,7 @@ class SFTConfig(_Section):
         "As train.precision: 'bf16-mixed' runs the forward under bf16 autocast with fp32 master weights; "
         "'auto' picks it where bf16 is fast."))
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
+    threads: int | None = Field(None, ge=1, description=THREADS_DOC)
 
 
 def sft_batch(tokenizer, task, problems, device, questions: list[str] | None = None):
@@ -84,6 +85,7 @@ def sft_step(model, optimizer, scheduler, ids, mask, labels, precision: str = "f
 
 
 def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)

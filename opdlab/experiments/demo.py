@@ -23,7 +23,7 @@ from opdlab.evaluate import comparison_table, evaluate_model
 from opdlab.experiments.pairs import get_pair, prepare_pair
 from opdlab.report import plot_eval_by_length, plot_training_curves
 from opdlab.run import load_run_config
-from opdlab.runtime import resolve_device, resolve_precision
+from opdlab.runtime import resolve_device, resolve_precision, set_threads
 from opdlab.tasks import make_task
 from opdlab.train import train
 
@@ -46,6 +46,7 @@ def run_demo(run_dir: str, overrides: list[str] | None = None, console: Console 
     if ckpt is not None and not resume:
         console.print(f"{out} holds a finished demo run: replacing it")
         shutil.rmtree(out)
+    set_threads(cfg.train.threads)  # the demo's config pins it: its numbers do not depend on the core count
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.train.precision, device)
     task = make_task(cfg.task)
