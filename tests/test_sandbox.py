@@ -1,10 +1,12 @@
 """The sandbox: every hostile program of `opdlab.tasks.sandbox.check` is contained, and ordinary programs run normally.
 
 Each hostile program is judged by looking at the world afterwards (files, servers, /proc), not at what it printed.
-Runs in about 30 s on one core (three of the programs use the 2 s wall clock in full).
+Runs in about 30 s on one core (three of the programs use the 2 s wall clock in full); the 200-program load run
+is marked slow.
 
     python -m pytest -q tests/test_sandbox.py
     python -m opdlab.tasks.sandbox.check        # the same programs as a table
+    python -m opdlab.tasks.sandbox.check --load 200 --concurrency 8   # with honest programs, 8 at once
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import time
 import pytest
 
 from opdlab.tasks.sandbox.run import Limits, RunResult, Sandbox
-from opdlab.tasks.sandbox.check import HOSTILE, LIMITS, run_hostile, survivors, table
+from opdlab.tasks.sandbox.check import (HONEST, HOSTILE, LIMITS, load_summary, load_table, run_hostile, run_honest,
+                                        run_load, survivors, table)
 
 BOX = Sandbox(LIMITS)
 
@@ -23,8 +26,9 @@ BOX = Sandbox(LIMITS)
 def test_hostile_program_is_contained(hostile):
     outcome = run_hostile(BOX, hostile)
     assert outcome.contained, table([outcome])
-    # nothing outlives the run, however it ended, and the wall clock held (1 s of slack for a loaded machine)
-    assert outcome.wall_s < LIMITS.wall_s + 1.0, table([outcome])
+    # nothing outlives the run, however it ended, and the wall clock held: wall_s not counting waits for a CPU,
+    # never more than hard_wall_s() (1 s of slack for a loaded machine)
+    assert outcome.wall_s < LIMITS.hard_wall_s() + 1.0, table([outcome])
 
 
 def test_expected_outcomes_of_hostile_programs():
@@ -145,3 +149,52 @@ def test_survivors_finds_a_live_marked_process():
 def test_result_fields():
     r = BOX.run_python("raise SystemExit(4)")
     assert isinstance(r, RunResult) and r.status == "exit" and r.returncode == 4 and not r.ok
+
+
+def _assert_load(total: int, concurrency: int, box: Sandbox = BOX) -> None:
+    outcomes, wall = run_load(box, total, concurrency, seed=0)
+    assert len(outcomes) == total
+    assert all(o.contained for o in outcomes), load_table(outcomes) + "\n" + load_summary(outcomes, wall)
+
+
+def test_under_load_hostile_contained_and_honest_right():
+    # 12 hostile and 12 honest programs, 4 at once: fork bombs beside forking honest programs, CPU hogs beside
+    # programs with a wall clock; every hostile one contained, every honest result exactly right
+    _assert_load(24, 4)
+
+
+@pytest.mark.slow
+def test_under_load_200_programs_8_at_once():
+    _assert_load(200, 8)
+
+
+def test_concurrent_runs_do_not_share_a_process_count():
+    # Without a user namespace per program, RLIMIT_NPROC counts every process of the uid: runs get a uid each, so
+    # a fork bomb holding all its 32 processes does not stop another run from forking.
+    box = Sandbox(LIMITS, disable=("userns",))
+    if "drop_uid" not in box.isolation().layers:
+        pytest.skip("programs run as the caller's uid here (not root)")
+    import threading
+
+    bomb = next(h for h in HOSTILE if h.name == "fork bomb")
+    forker = next(h for h in HONEST if h.name == "fork 4 children")
+    thread = threading.Thread(target=run_hostile, args=(box, bomb))
+    thread.start()
+    try:
+        time.sleep(0.5)
+        outcomes = [run_honest(box, forker) for _ in range(3)]
+    finally:
+        thread.join()
+    assert all(o.contained for o in outcomes), load_table(outcomes)
+
+
+def test_limits_bounds_and_run_cpu():
+    lim = Limits(wall_s=2, cpu_s=1)
+    assert (lim.hard_wall_s(), lim.total_cpu_s()) == (6, 2)
+    assert Limits(wall_s=2, max_wall_s=1).hard_wall_s() == 2  # never below wall_s
+    with pytest.raises(ValueError, match="max_wall_s"):
+        Limits(max_wall_s=0)
+    # four processes, each under its 1 s of RLIMIT_CPU, together over the run's 1.5 s
+    src = "import os\nfor _ in range(2):\n    os.fork()\nwhile True:\n    pass\n"
+    r = Sandbox(Limits(wall_s=20, cpu_s=1, run_cpu_s=1.5)).run_python(src)
+    assert r.status == "cpu_limit" and "all its processes" in r.reason, r

@@ -2,25 +2,37 @@
 results.
 
     python -m opdlab.tasks.sandbox.check      # this machine's confinement layers, then the table
+    python -m opdlab.tasks.sandbox.check --load 200 --concurrency 8   # hostile and honest programs, 8 at once
 
 Every program gets what it needs to attack (a victim directory with a file, a TCP and a UDP server on 127.0.0.1
 in this process, a secret in this process's environment, a unique marker in its argv so that survivors can be
 found in /proc), and its check looks at the world afterwards, not at what the program says about itself: the
 victim file is still there, nothing reached the servers, no process carrying the marker is alive, the secret is
 not in the output. `tests/test_sandbox.py` asserts each check.
+
+Under load (`--load N`): N programs, half hostile and half honest (`HONEST`: programs with a known right result,
+some printing a lot, using CPU, reading stdin, forking, starting threads, or graded by `opdlab.tasks.code_grade`),
+in a seeded shuffle, `--concurrency` at once through one `Sandbox`. Every hostile program must be contained and
+every honest result exactly right (stdout, exit status, verdict); the table per program kind says how many were,
+why the others were not ("timed out" apart from "wrong output"), and how long they took.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import random
 import socket
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from opdlab.tasks.code_grade import FunctionTests, StdioTests, grade
 from opdlab.tasks.sandbox.run import Limits, RunResult, Sandbox
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -212,19 +224,27 @@ def _udp_server(hits: list) -> socket.socket:
 
 @dataclass
 class Outcome:
+    """One program's run: `contained` is "contained" for a hostile program and "right" for an honest one."""
+
     name: str
     contained: bool
     what: str
     status: str
     wall_s: float
+    kind: str = "hostile"
 
 
-def run_hostile(box: Sandbox, hostile: Hostile) -> Outcome:
-    """Run one hostile program against a fresh World and check the world afterwards."""
+def run_hostile(box: Sandbox, hostile: Hostile, secret: str | None = None) -> Outcome:
+    """Run one hostile program against a fresh World and check the world afterwards.
+
+    `secret`: already in this process's environment (concurrent runs share one; os.environ is process-wide);
+    without it a fresh one is set for this run and removed afterwards."""
     tcp_hits, udp_hits = [], []
     tcp, udp = _tcp_server(tcp_hits), _udp_server(udp_hits)
-    secret = f"s3cr3t-{uuid.uuid4().hex}"
-    os.environ[SECRET_VAR] = secret
+    own_secret = secret is None
+    if own_secret:
+        secret = f"s3cr3t-{uuid.uuid4().hex}"
+        os.environ[SECRET_VAR] = secret
     try:
         with tempfile.TemporaryDirectory(prefix="opdlab-victim-") as victim:
             victim_dir = Path(victim)
@@ -241,9 +261,145 @@ def run_hostile(box: Sandbox, hostile: Hostile) -> Outcome:
             contained, what = hostile.contained(result, world)
             return Outcome(hostile.name, contained, what, result.status, result.wall_s)
     finally:
-        os.environ.pop(SECRET_VAR, None)
+        if own_secret:
+            os.environ.pop(SECRET_VAR, None)
         tcp.close()
         udp.close()
+
+
+@dataclass(frozen=True)
+class Honest:
+    """A program with a known right result: `run(box)` -> (right?, what happened, sandbox status, wall seconds)."""
+
+    name: str
+    run: Callable[[Sandbox], tuple[bool, str, str, float]]
+
+
+def _expect(source: str, stdout: str, *, stdin: str = "", returncode: int = 0):
+    """An honest program whose stdout and exit status must be exactly `stdout` and `returncode`."""
+    def run(box: Sandbox) -> tuple[bool, str, str, float]:
+        r = box.run_python(source, stdin=stdin.encode())
+        want = "ok" if returncode == 0 else "exit"
+        if r.status == "timeout":
+            what = f"timed out ({r.reason})"
+        elif r.status != want or r.returncode != returncode:
+            what = f"{r.status}: {r.reason or r.returncode}"[:120]
+        elif r.stdout != stdout.encode():
+            what = f"wrong output: {len(r.stdout)} bytes, {r.stdout[:40]!r}"
+        else:
+            return True, f"{r.status}, {len(r.stdout)} bytes right", r.status, r.wall_s
+        return False, what, r.status, r.wall_s
+    return run
+
+
+def _verdict(program: str, tests: FunctionTests | StdioTests, passed: int):
+    """An honest program graded by `code_grade.grade`, which must pass exactly `passed` of the tests."""
+    def run(box: Sandbox) -> tuple[bool, str, str, float]:
+        t0 = time.monotonic()
+        v = grade(program, tests, box)
+        wall, status = time.monotonic() - t0, ",".join(sorted(set(v.runs)))
+        what = f"passed {v.passed}/{v.total}" + (f" ({v.reason[:80]})" if v.reason else "")
+        if "timeout" in v.runs:
+            what = f"timed out: {what}"
+        return v.passed == passed and v.total == tests.total, what, status, wall
+    return run
+
+
+_NUMBERS = [(i * 7919) % 1000 - 500 for i in range(200)]
+_ADD_TESTS = FunctionTests((("assert add(1, 1) == 2", True), ("assert add(2, 0) == 2", True),
+                            ("assert add(-3, 3) == 0", True)))
+_REVERSE_TESTS = StdioTests((("abc\n", "cba\n"), ("racecar\n", "racecar\n"), ("ab\n", "ba\n")))
+HONEST: list[Honest] = [
+    Honest("sum of squares", _expect("print(sum(i * i for i in range(1000)))\n", "332833500\n")),
+    Honest("read stdin, sort", _expect("import sys\nxs = [int(t) for t in sys.stdin.read().split()]\n"
+                                       "print(sum(xs)); print(*sorted(xs))\n",
+                                       f"{sum(_NUMBERS)}\n{' '.join(map(str, sorted(_NUMBERS)))}\n",
+                                       stdin="\n".join(map(str, _NUMBERS)) + "\n")),
+    Honest("print 48 KB", _expect("for i in range(10000):\n    print(i)\n",
+                                  "".join(f"{i}\n" for i in range(10000)))),
+    Honest("0.2 s of CPU", _expect("s = 0\nfor i in range(2_100_000):\n    s += i % 7\nprint(s)\n", "6300000\n")),
+    Honest("exit status 3", _expect("import sys\nprint('partial')\nsys.exit(3)\n", "partial\n", returncode=3)),
+    Honest("fork 4 children", _expect("""
+import os
+r, w = os.pipe()
+pids = []
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, f"{i * i}\\n".encode()); os._exit(0)
+    pids.append(pid)
+os.close(w)
+codes = [os.waitpid(p, 0)[1] for p in pids]
+print(sorted(int(x) for x in os.read(r, 100).split()), codes)
+""", "[0, 1, 4, 9] [0, 0, 0, 0]\n")),
+    Honest("8 threads", _expect("""
+import threading
+out = [0] * 8
+def work(i):
+    out[i] = sum(range(i * 1000))
+ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sum(out))
+""", f"{sum(sum(range(i * 1000)) for i in range(8))}\n")),
+    Honest("stderr beside stdout", _expect("import sys\nfor i in range(300):\n    print('warn', i, file=sys.stderr)\n"
+                                           "print('answer 42')\n", "answer 42\n")),
+    Honest("graded: right function", _verdict("def add(a, b):\n    return a + b\n", _ADD_TESTS, 3)),
+    Honest("graded: wrong function", _verdict("def add(a, b):\n    return a - b\n", _ADD_TESTS, 1)),
+    Honest("graded: right stdio", _verdict("print(input()[::-1])\n", _REVERSE_TESTS, 3)),
+    Honest("graded: wrong stdio", _verdict("print(input())\n", _REVERSE_TESTS, 1)),
+]
+
+
+def run_honest(box: Sandbox, honest: Honest) -> Outcome:
+    """Run one honest program and check its result is exactly the known right one."""
+    right, what, status, wall = honest.run(box)
+    return Outcome(honest.name, right, what, status, wall, kind="honest")
+
+
+def run_load(box: Sandbox, total: int, concurrency: int, seed: int = 0) -> tuple[list[Outcome], float]:
+    """`total` programs, alternately hostile and honest (each list cycled), shuffled by `seed`, `concurrency` at
+    once; returns the outcomes (in the shuffled order) and the wall time of the whole run."""
+    jobs: list[Hostile | Honest] = [HOSTILE[i // 2 % len(HOSTILE)] if i % 2 == 0 else HONEST[i // 2 % len(HONEST)]
+                                    for i in range(total)]
+    random.Random(seed).shuffle(jobs)
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    os.environ[SECRET_VAR] = secret
+    box.isolation()  # probe once, before the threads start
+    t0 = time.monotonic()
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            outcomes = list(pool.map(lambda j: run_hostile(box, j, secret) if isinstance(j, Hostile)
+                                     else run_honest(box, j), jobs))
+    finally:
+        os.environ.pop(SECRET_VAR, None)
+    return outcomes, time.monotonic() - t0
+
+
+def load_table(outcomes: list[Outcome]) -> str:
+    """Per program kind: runs, how many were contained (hostile) or right (honest), wall times, failure reasons."""
+    names = list(dict.fromkeys(o.name for o in outcomes))
+    kinds = {o.name: o.kind for o in outcomes}
+    names.sort(key=lambda n: kinds[n] != "hostile")
+    width = max(len(n) for n in names)
+    lines = [f"{'kind':<7}  {'program':<{width}}  {'runs':>4}  {'good':>4}  {'mean':>6}  {'max':>6}  failures",
+             f"{'-' * 7}  {'-' * width}  {'-' * 4}  {'-' * 4}  {'-' * 6}  {'-' * 6}  {'-' * 30}"]
+    for name in names:
+        mine = [o for o in outcomes if o.name == name]
+        walls = [o.wall_s for o in mine]
+        fails = Counter(o.what for o in mine if not o.contained)
+        why = "; ".join(f"{n}x {w}" for w, n in fails.most_common(3)) + (" ..." if len(fails) > 3 else "")
+        lines.append(f"{kinds[name]:<7}  {name:<{width}}  {len(mine):>4}  {sum(o.contained for o in mine):>4}  "
+                     f"{sum(walls) / len(walls):5.2f}s  {max(walls):5.2f}s  {why or '-'}")
+    return "\n".join(lines)
+
+
+def load_summary(outcomes: list[Outcome], wall_s: float) -> str:
+    """One line: hostile contained x/n, honest right y/m, and the wall time."""
+    def count(kind: str) -> str:
+        mine = [o for o in outcomes if o.kind == kind]
+        return f"{sum(o.contained for o in mine)}/{len(mine)}"
+    return f"hostile contained {count('hostile')}, honest right {count('honest')}, wall {wall_s:.1f} s"
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -254,13 +410,26 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def main(limits: Limits = LIMITS) -> int:
-    box = Sandbox(limits)
+def main(argv: list[str] | None = None, limits: Limits = LIMITS) -> int:
+    """The CLI: the hostile programs one at a time, or with `--load N` the mix under load; 1 if any failed."""
+    ap = argparse.ArgumentParser(prog="python -m opdlab.tasks.sandbox.check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--load", type=int, default=0, metavar="N", help="run N programs, half hostile, half honest")
+    ap.add_argument("--concurrency", type=int, default=8, help="programs at once under --load (default 8)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffle under --load")
+    ap.add_argument("--disable", default="", metavar="LAYERS", help="comma-separated layers not to use, to see how a "
+                    "machine without them fares (e.g. userns)")
+    args = ap.parse_args(argv)
+    box = Sandbox(limits, disable=tuple(n for n in args.disable.split(",") if n))
     print(box.isolation().describe())
     print(f"limits: wall {limits.wall_s:g} s, CPU {limits.cpu_s:g} s, address space {limits.memory_mb} MB, "
           f"{limits.processes} processes, files {limits.file_mb} MB, stdout {limits.output_bytes} bytes\n")
-    outcomes = [run_hostile(box, h) for h in HOSTILE]
-    print(table(outcomes))
+    if args.load:
+        outcomes, wall = run_load(box, args.load, args.concurrency, args.seed)
+        print(load_table(outcomes))
+        print(f"\n{args.load} programs, {args.concurrency} at once, seed {args.seed}: {load_summary(outcomes, wall)}")
+    else:
+        outcomes = [run_hostile(box, h) for h in HOSTILE]
+        print(table(outcomes))
     return 0 if all(o.contained for o in outcomes) else 1
 
 

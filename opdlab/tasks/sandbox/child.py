@@ -9,17 +9,19 @@ confinement than it reports):
    user namespace mapping its uid to itself (that is what makes the others allowed). Mounts are made private first
    so nothing done here reaches the host.
 2. `hide` (root only): the directories that hold the Python interpreter are bind-mounted read-only into a fresh
-   tmpfs laid over the first ancestor uid 65534 cannot enter (e.g. /root), so the program can run as that uid.
+   tmpfs laid over the first ancestor other users cannot enter (e.g. /root), so the program can run as its uid.
 3. `readonly` (with namespaces): every mount of the new mount namespace is remounted read-only except the
    working directory, so nothing outside it can be written even without Landlock (world-writable /tmp included).
 4. fork `init`, PID 1 of the new PID namespace: it mounts a /proc of that namespace (host processes and their
    environments are invisible), becomes a child subreaper, dies with the launcher (PDEATHSIG), and runs the program
    as its child. When the program exits, init exits too and the kernel kills every process left in the namespace;
    without a PID namespace, init kills each remaining descendant itself.
-5. the program's process: resource limits; `drop_uid` (root: become uid/gid 65534); `userns` (a further user
-   namespace, so RLIMIT_NPROC counts this program's processes alone, not every process of the uid); no_new_privs;
+5. the program's process: resource limits; `drop_uid` (root: become the run's own uid/gid); `userns` (a further user
+   namespace, so RLIMIT_NPROC counts this program's processes alone, not every process of the uid); RLIMIT_NPROC
+   only now (set before the uid change or the namespace, it would count every process of the uid); no_new_privs;
    `landlock` (read/execute only beneath the read paths, full access only beneath the working directory, TCP bind
-   and connect denied, signals and abstract unix sockets scoped to the sandbox); then execve with the given
+   and connect denied, signals and abstract unix sockets scoped to the sandbox); a byte on the spec's `ready_fd`
+   (the parent starts the program's wall clock then, not counting set-up); then execve with the given
    environment.
 
 The launcher reports the program's end as its own: the same exit status, or death by the same signal.
@@ -40,7 +42,6 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446  # same on all arches
-NOBODY = 65534
 SETUP_FAILED = 125
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -136,21 +137,37 @@ def read_only(workdir: str) -> None:
 
 
 def set_limits(limits) -> None:
+    """Every limit but RLIMIT_NPROC (`limit_processes`, after the uid change and the user namespace)."""
     import resource  # lazy: this launcher imports as little as it can before confinement
 
     cpu = int(limits["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at cpu_s, SIGKILL a second later
-    for name, key in (("RLIMIT_AS", "as_bytes"), ("RLIMIT_FSIZE", "fsize_bytes"), ("RLIMIT_NOFILE", "nofile"),
-                      ("RLIMIT_NPROC", "nproc")):
+    for name, key in (("RLIMIT_AS", "as_bytes"), ("RLIMIT_FSIZE", "fsize_bytes"), ("RLIMIT_NOFILE", "nofile")):
         resource.setrlimit(getattr(resource, name), (limits[key], limits[key]))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # As high as allowed until then: at setuid() the kernel compares the new uid's processes, of every sandbox
+    # and of anything else running as that uid, with the current RLIMIT_NPROC (over it, execve fails with EAGAIN),
+    # and a new user namespace keeps the creator's RLIMIT_NPROC as the cap on that machine-wide count.
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):  # not root: the hard limit is as high as it goes
+        resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
 
 
-def drop_uid() -> None:
+def limit_processes(limits) -> None:
+    """RLIMIT_NPROC, set last: inside the program's own user namespace it counts this program's processes alone."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["nproc"], limits["nproc"]))
+
+
+def drop_uid(uid: int) -> None:
+    """Become `uid` (and the gid of that number), with no supplementary groups."""
     try:
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        os.setgid(uid)
+        os.setuid(uid)
     except OSError as e:
         raise LayerError("drop_uid", str(e)) from None
 
@@ -219,13 +236,16 @@ def start_program(spec) -> None:
     try:
         set_limits(spec["limits"])
         if layers.get("drop_uid"):
-            drop_uid()
+            drop_uid(spec["uid"])
         if layers.get("userns"):
             own_user_namespace()
+        limit_processes(spec["limits"])
         _check("no_new_privs", "prctl", _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
         if layers.get("landlock"):
             landlock(spec["read_paths"], [spec["workdir"]] + spec.get("write_files", []))
         os.chdir(spec["workdir"])
+        os.write(spec["ready_fd"], b"1")  # the program's wall clock starts now (set-up is not its time)
+        os.close(spec["ready_fd"])
         os.execve(spec["argv"][0], spec["argv"], spec["env"])
     except LayerError as e:
         os.write(2, f"opdlab-sandbox: {e}\n".encode())
@@ -264,6 +284,7 @@ def run_init(spec, launcher: int, report: int) -> None:
     pid = os.fork()
     if pid == 0:
         start_program(spec)
+    os.close(spec["ready_fd"])
     status = None
     while status is None:
         try:
@@ -325,6 +346,7 @@ def main() -> None:
         os.close(read_end)
         run_init(spec, launcher, write_end)
     os.close(write_end)
+    os.close(spec["ready_fd"])
     _, status = os.waitpid(pid, 0)
     reported = os.read(read_end, 4)
     _exit_like(struct.unpack("<i", reported)[0] if len(reported) == 4 else status)
