@@ -58,8 +58,8 @@ class Preempted(TrainingError):
 # its guards and the machinery around it. Anything else (the models, the task, the objective, the learning rate,
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
-             "train.fidelity_every", "task.allow_data_change", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
-             "rollout.kv_cache", "device", "run_dir", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
+             "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
+             "task.allow_data_change", "rollout.kv_cache", "device", "run_dir", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, object]:
