@@ -59,7 +59,8 @@ class Preempted(TrainingError):
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
              "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
-             "task.allow_data_change", "rollout.kv_cache", "device", "run_dir", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
+             "task.allow_data_change", "rollout.kv_cache", "device", "run_dir",
+             "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, object]:
