@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from opdlab.tasks.code import _kind
 from opdlab.tasks.sandbox import run as sandbox_run
 from opdlab.tasks.sandbox.run import Limits, RunResult, Sandbox
 from opdlab.tasks.sandbox.check import (HONEST, HOSTILE, LIMITS, load_summary, load_table, run_hostile, run_honest,
@@ -224,3 +225,4 @@ def test_limits_bounds_and_run_cpu():
     src = "import os\nfor _ in range(2):\n    os.fork()\nwhile True:\n    pass\n"
     r = Sandbox(Limits(wall_s=20, cpu_s=1, run_cpu_s=1.5)).run_python(src)
     assert r.status == "cpu_limit" and "all its processes" in r.reason, r
+    assert _kind(r.reason) == "CPU-time"  # counted with the other CPU-time failures of code tasks
