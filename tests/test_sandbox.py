@@ -11,10 +11,14 @@ is marked slow.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
+from opdlab.tasks.code import _kind
+from opdlab.tasks.sandbox import run as sandbox_run
 from opdlab.tasks.sandbox.run import Limits, RunResult, Sandbox
 from opdlab.tasks.sandbox.check import (HONEST, HOSTILE, LIMITS, load_summary, load_table, run_hostile, run_honest,
                                         run_load, survivors, table)
@@ -151,21 +155,44 @@ def test_result_fields():
     assert isinstance(r, RunResult) and r.status == "exit" and r.returncode == 4 and not r.ok
 
 
-def _assert_load(total: int, concurrency: int, box: Sandbox = BOX) -> None:
+def _processes_of(uids: set[int]) -> list[int]:
+    """Live processes whose real uid is one of `uids`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if uid in uids:
+            found.append(int(pid))
+    return found
+
+
+def _assert_load(monkeypatch, total: int, concurrency: int, box: Sandbox = BOX) -> None:
+    """`total` programs, `concurrency` at once: all contained or right, and nothing left behind (no process of a
+    uid the runs had, no working directory)."""
+    uids: set[int] = set()
+    take = sandbox_run._take_uid
+    monkeypatch.setattr(sandbox_run, "_take_uid", lambda: uids.add(uid := take()) or uid)
+    boxes_before = set(Path(tempfile.gettempdir()).glob("opdlab-box-*"))
     outcomes, wall = run_load(box, total, concurrency, seed=0)
     assert len(outcomes) == total
     assert all(o.contained for o in outcomes), load_table(outcomes) + "\n" + load_summary(outcomes, wall)
+    assert uids or "drop_uid" not in box.isolation().layers
+    assert not _processes_of(uids)
+    assert not set(Path(tempfile.gettempdir()).glob("opdlab-box-*")) - boxes_before
 
 
-def test_under_load_hostile_contained_and_honest_right():
+def test_under_load_hostile_contained_and_honest_right(monkeypatch):
     # 12 hostile and 12 honest programs, 4 at once: fork bombs beside forking honest programs, CPU hogs beside
     # programs with a wall clock; every hostile one contained, every honest result exactly right
-    _assert_load(24, 4)
+    _assert_load(monkeypatch, 24, 4)
 
 
 @pytest.mark.slow
-def test_under_load_200_programs_8_at_once():
-    _assert_load(200, 8)
+def test_under_load_200_programs_8_at_once(monkeypatch):
+    _assert_load(monkeypatch, 200, 8)
 
 
 def test_concurrent_runs_do_not_share_a_process_count():
@@ -198,3 +225,4 @@ def test_limits_bounds_and_run_cpu():
     src = "import os\nfor _ in range(2):\n    os.fork()\nwhile True:\n    pass\n"
     r = Sandbox(Limits(wall_s=20, cpu_s=1, run_cpu_s=1.5)).run_python(src)
     assert r.status == "cpu_limit" and "all its processes" in r.reason, r
+    assert _kind(r.reason) == "CPU-time"  # counted with the other CPU-time failures of code tasks

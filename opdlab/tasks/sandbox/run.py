@@ -460,8 +460,8 @@ def _classify(rc: int | None, out: bytes, err: bytes, wall: float, killed_for: s
             why = f"wall-clock limit of {lim.hard_wall_s():g} s, waits for a CPU included"
         return RunResult("timeout", rc, out, err, wall, why)
     if killed_for == "run_cpu":
-        return RunResult("cpu_limit", rc, out, err, wall, f"CPU time of all its processes over "
-                         f"{lim.total_cpu_s():g} s")
+        return RunResult("cpu_limit", rc, out, err, wall, f"CPU-time limit of {lim.total_cpu_s():g} s for all its "
+                         "processes together")
     if killed_for == "output_limit":
         return RunResult("output_limit", rc, out, err, wall, f"wrote more than {lim.output_bytes} bytes to stdout")
     if rc == 0:
