@@ -19,7 +19,7 @@ import torch
 
 from opdlab.checkpoint import list_checkpoints
 from opdlab.train import TrainingError, train
-from test_preemption import start, write_config
+from faults.test_preemption import start, write_config
 from test_train import SUBPROCESS_TIMEOUT, assert_same_weights, make_cfg, metric_rows, opdlab_command, weights
 
 
