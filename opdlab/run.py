@@ -55,10 +55,12 @@ class Preempted(TrainingError):
 
 
 # The fields `--resume` may change: how long the run goes on, how often it saves, evaluates and logs, where it logs,
-# its guards and the machinery around it. Anything else (the models, the task, the objective, the learning rate,
+# its guards, and the machinery around it (threads, memory: micro-batches, chunks, activation recomputation, which
+# leave the step's gradient as it is). Anything else (the models, the task, the objective, the learning rate,
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
              "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
+             "train.micro_batch_size", "train.gradient_checkpointing", "scoring.chunk_size",
              "task.allow_data_change", "rollout.kv_cache", "device", "run_dir",
              "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
