@@ -57,9 +57,11 @@ class Preempted(TrainingError):
 # The fields `--resume` may change: how long the run goes on, how often it saves, evaluates and logs, where it logs,
 # its guards and the machinery around it. Anything else (the models, the task, the objective, the learning rate,
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
+# train.micro_batch_size only splits the batch for gradient accumulation (a memory knob; the step is the same).
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
-             "train.fidelity_every", "task.allow_data_change", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
-             "rollout.kv_cache", "device", "run_dir", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
+             "train.fidelity_every", "task.allow_data_change", "train.max_bad_steps", "train.max_update_ratio",
+             "train.threads", "train.micro_batch_size", "rollout.kv_cache", "device", "run_dir", "eval.*",
+             "fidelity.*", "track.*", "remote_teacher.*")
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, object]:
