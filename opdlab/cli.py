@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
                        "and student, runs OPD, evaluates the student again and prints a before/after table.")
     d.add_argument("--run-dir", default="runs/demo", help="where the run is written (default runs/demo)")
     d.add_argument("--pair", default="builtin", choices=list(PAIRS), help="which built-in teacher/student pair")
+    d.add_argument("--force", action="store_true", help="replace a finished run already in the run dir")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the demo's training config")
 
     pr = sub.add_parser("prepare", help="make the built-in teacher and student (cached)")
@@ -221,7 +222,7 @@ def _guarded(run) -> int:
 def _dispatch(args) -> int:
     console = Console()
     if args.command == "demo":
-        run_demo(args.run_dir, args.overrides, console=console, pair=args.pair)
+        run_demo(args.run_dir, args.overrides, console=console, pair=args.pair, force=args.force)
     elif args.command == "prepare":
         prepare_pair(args.pair, force=args.force, console=console)
     elif args.command == "train":

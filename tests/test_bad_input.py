@@ -177,3 +177,24 @@ def test_stale_temporary_checkpoints_are_removed_at_start(model_dirs, tmp_path, 
     assert cli.main(["train", "-", *overrides(model_dirs, run, "train.steps=3"), "--resume"]) == 0
     assert "removed 1 temporary checkpoint directory" in capsys.readouterr().err
     assert not stale.exists() and alive.exists()
+
+
+def test_demo_refuses_to_replace_a_finished_run_without_force(monkeypatch, tmp_path, capsys):
+    from opdlab import cli
+    from opdlab.experiments import demo
+    prepared = []
+
+    def prepare_and_stop(*a, **k):  # stop before any compute
+        prepared.append(a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "prepare_pair", prepare_and_stop)
+    run = tmp_path / "done"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"")
+    assert cli.main(["demo", "--run-dir", str(run), "train.steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a finished run" in err and "--force" in err and "Traceback" not in err
+    assert (run / "checkpoints" / "step-000002" / "trainer_state.pt").exists() and not prepared
+    assert cli.main(["demo", "--run-dir", str(run), "--force", "train.steps=2"]) == 130  # replaced, then stopped
+    assert not run.exists() and prepared

@@ -25,7 +25,7 @@ from opdlab.report import plot_eval_by_length, plot_training_curves
 from opdlab.run import load_run_config
 from opdlab.runtime import resolve_device, resolve_precision, set_threads
 from opdlab.tasks import make_task
-from opdlab.train import train
+from opdlab.train import TrainingError, train
 
 
 def demo_config_path(pair: str = "builtin") -> Path:
@@ -33,9 +33,9 @@ def demo_config_path(pair: str = "builtin") -> Path:
 
 
 def run_demo(run_dir: str, overrides: list[str] | None = None, console: Console | None = None,
-             pair: str = "builtin") -> dict:
+             pair: str = "builtin", force: bool = False) -> dict:
+    """Run the demo into `run_dir`; a finished run already there is refused unless `force` (then it is replaced)."""
     console = console or Console()
-    prepare_pair(pair, console=console)
     overrides = list(overrides or [])
     if not any(o.startswith("run_dir=") for o in overrides):  # an explicit run_dir=... wins over --run-dir
         overrides.append(f"run_dir={run_dir}")
@@ -44,9 +44,13 @@ def run_demo(run_dir: str, overrides: list[str] | None = None, console: Console 
     ckpt = latest_checkpoint(out / "checkpoints")
     resume = ckpt is not None and int(ckpt.name.split("-")[1]) < cfg.train.steps
     if ckpt is not None and not resume:
-        console.print(f"{out} holds a finished demo run: replacing it")
+        if not force:
+            raise TrainingError(f"{out} already holds a finished run ({ckpt.name}); pick another --run-dir, or pass "
+                                f"--force to replace it")
+        console.print(f"{out} holds a finished demo run: replacing it (--force)")
         shutil.rmtree(out)
     set_threads(cfg.train.threads)  # the demo's config pins it: its numbers do not depend on the core count
+    prepare_pair(pair, console=console)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.train.precision, device)
     task = make_task(cfg.task)
