@@ -189,6 +189,7 @@ def test_demo_refuses_to_replace_a_finished_run_without_force(monkeypatch, tmp_p
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "prepare_pair", prepare_and_stop)
+    monkeypatch.setattr(demo, "set_threads", lambda n: n)  # the demo pins 2 threads: not for the rest of the tests
     run = tmp_path / "done"
     (run / "checkpoints" / "step-000002").mkdir(parents=True)
     (run / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"")
