@@ -24,6 +24,20 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+class threads_pinned:
+    """Within `with threads_pinned(n):` torch uses `n` CPU threads (None: as it is); the count it had comes back
+    on exit, so a library call pins nothing for its caller."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads, self.before = threads, torch.get_num_threads()
+
+    def __enter__(self) -> int:
+        return set_threads(self.threads)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.before)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

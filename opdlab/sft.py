@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from opdlab.config import THREADS_DOC, ModelConfig, TaskConfig, _Section, save_config
 from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
 from opdlab.models.prompts import render_prompt
-from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything, set_threads
+from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything, threads_pinned
 from opdlab.tasks import make_task
 from opdlab.tasks.base import ProblemStream
 
@@ -85,7 +85,12 @@ def sft_step(model, optimizer, scheduler, ids, mask, labels, precision: str = "f
 
 
 def run_sft(cfg: SFTConfig, progress: bool = True, log_every: int = 25) -> Path:
-    set_threads(cfg.threads)
+    """Warm-start `cfg.model` (or a built-in size from scratch) and save it to `cfg.output_dir`."""
+    with threads_pinned(cfg.threads):
+        return _run_sft(cfg, progress, log_every)
+
+
+def _run_sft(cfg: SFTConfig, progress: bool, log_every: int) -> Path:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)

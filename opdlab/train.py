@@ -25,7 +25,7 @@ from opdlab.config import RunConfig
 from opdlab.objectives import get_objective
 from opdlab.distributed import global_sum
 from opdlab.run import Preempted, TrainingError, build_run
-from opdlab.runtime import StopSignals, resolve_device, resolve_precision
+from opdlab.runtime import StopSignals, resolve_device, resolve_precision, threads_pinned
 from opdlab.step import (accumulate_gradients, apply_update, batch_counts, evaluate_and_probe, sample_rollouts,
                          score_rollouts, step_metrics, with_rewards)
 
@@ -50,7 +50,7 @@ def resolve_defaults(cfg: RunConfig) -> RunConfig:
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; returns the run directory. SIGTERM or SIGINT ends the step under way, writes a
     checkpoint and raises `Preempted` (the CLI exits with `PREEMPTED_EXIT_CODE`)."""
-    with StopSignals() as stop:
+    with StopSignals() as stop, threads_pinned(cfg.train.threads):
         return _train(cfg, resume, progress, stop)
 
 
