@@ -175,12 +175,12 @@ class UpdateSnapshot:
 
     def change_ratio(self, accelerator, device) -> float:
         """||W_new - W_old|| / ||W_old|| over every process's trained parameters (inf when a weight is not finite)."""
-        diff2, norm2 = 0.0, 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # one host sync for all parameters, not two each
         for p, old in zip(self.params, self.values):
             new_local, old_local = _local(p.detach()), _local(old)
-            diff2 += (new_local.double() - old_local.double()).pow(2).sum().item()
-            norm2 += old_local.double().pow(2).sum().item()
-        diff2, norm2 = global_sum(accelerator, diff2, device), global_sum(accelerator, norm2, device)
+            sums[0] += (new_local.double() - old_local.double()).pow(2).sum()
+            sums[1] += old_local.double().pow(2).sum()
+        diff2, norm2 = (global_sum(accelerator, v, device) for v in sums.tolist())
         return math.sqrt(diff2 / norm2) if math.isfinite(diff2) and norm2 > 0 else math.inf
 
 
@@ -190,7 +190,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def weights_finite(params: list[torch.nn.Parameter], accelerator, device) -> bool:
     """Whether every trained parameter is finite on every process."""
-    bad = sum(int((~torch.isfinite(_local(p.detach()))).sum().item()) for p in params)
+    bad = sum((~torch.isfinite(_local(p.detach()))).sum() for p in params)
+    bad = int(bad.item()) if torch.is_tensor(bad) else 0
     return global_sum(accelerator, bad, device) == 0
 
 
