@@ -11,6 +11,7 @@
     opdlab compare [--objectives ...] [k=v]  several objectives from the same student, several seeds, one table
     opdlab compare-privileged [--seeds ...]  SFT vs privileged OPD vs AR-OPD on the built-in task (privileged teacher)
     opdlab toy estimators [--quick ...]      the gamma-interpolated estimator bias/variance toy study
+    opdlab reproduce NAME [--seeds N ...]    one headline claim: its precondition, then the claim (docs/claims.md)
     opdlab serve-teacher MODEL [--port ...]  serve a teacher's prompt log-probs over HTTP (vLLM's completions API)
     opdlab diagnose [--pair P] [CONFIG] [k=v] whether each method's phenomenon is present (preconditions)
     opdlab diagnose fidelity [CONFIG] [k=v]  supervision fidelity decay: teacher max-prob by position, continuations
@@ -43,6 +44,7 @@ from opdlab.experiments.compare import main as compare_main
 from opdlab.experiments.demo import run_demo
 from opdlab.experiments.pairs import PAIRS, prepare_pair
 from opdlab.experiments.privileged_compare import main as privileged_main
+from opdlab.experiments.reproduce import main as reproduce_main
 from opdlab.experiments.toy.estimators import main as estimators_main
 from opdlab.models.loading import ModelLoadError
 from opdlab.objectives import OBJECTIVES
@@ -135,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("compare", help="objectives side by side from the same student (`opdlab compare --help`)")
     sub.add_parser("compare-privileged", help="SFT, privileged OPD and AR-OPD side by side "
                    "(`opdlab compare-privileged --help`)")
+    sub.add_parser("reproduce", help="one headline claim, precondition first (`opdlab reproduce --help`)")
     st = sub.add_parser("serve-teacher", help="serve a teacher's prompt log-probs over HTTP (remote_teacher.url)",
                         description="Serves MODEL's prompt log-probs with the request/response shape of vLLM's "
                         "OpenAI-compatible /v1/completions endpoint (see opdlab.teacher.serve).")
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: compare_main(argv[1:]))
     if argv[:1] == ["compare-privileged"]:
         return _guarded(lambda: privileged_main(argv[1:]))
+    if argv[:1] == ["reproduce"]:
+        return _guarded(lambda: reproduce_main(argv[1:]))
     if argv[:1] == ["diagnose"] and (len(argv) == 1 or argv[1] not in (*DIAGNOSTICS, "-h", "--help")):
         argv.insert(1, "preconditions")  # `opdlab diagnose [--pair P] ...` measures the preconditions
     if argv[:1] == ["train"] and "--resume" in argv:  # `train CONFIG --resume k=v`: overrides after the flag too
