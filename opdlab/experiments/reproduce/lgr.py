@@ -22,10 +22,6 @@ from opdlab.experiments.reproduce.claims import ClaimResult, fmt_ci, t_interval
 from opdlab.experiments.reproduce.common import compare, preconditions
 
 
-def _ci_text(c: dict | None, spec: str = "+.3f") -> str:
-    return fmt_ci(c, spec)
-
-
 def length_gap(results: dict, seed, a: str, b: str) -> dict:
     """mean@k of `a` minus `b` in each response-length bucket both have, for one seed."""
     ra, rb = results["runs"][a][seed]["after_by_length"], results["runs"][b][seed]["after_by_length"]
@@ -48,9 +44,9 @@ def reproduce(out: Path, seeds: list[int], quick: bool = False, progress: bool =
     lgr_after = t_interval([runs["lookahead"][s]["after"] for s in seeds])
     before = t_interval(list(results["before"].values()))
     precondition = (f"SFD {verdicts['sfd']}: F decay on student prefixes minus the teacher's own "
-                    f"{_ci_text(sfd.get('excess_decay'))}, teacher accuracy drop from cut student prefixes "
-                    f"{_ci_text(sfd.get('continuation_drop'), '+.2f')}; LGR rewards {verdicts['lgr']}: "
-                    f"Spearman(r(k), V_k) {_ci_text(lgr.get('spearman'))} over {lgr.get('informative_nodes')} nodes")
+                    f"{fmt_ci(sfd.get('excess_decay'))}, teacher accuracy drop from cut student prefixes "
+                    f"{fmt_ci(sfd.get('continuation_drop'), '+.2f')}; LGR rewards {verdicts['lgr']}: "
+                    f"Spearman(r(k), V_k) {fmt_ci(lgr.get('spearman'))} over {lgr.get('informative_nodes')} nodes")
     return ClaimResult(
         name="lgr", claim="LGR beats sampled-token OPD, by more on long responses",
         paper="+2.57 mean@8 over OPD (7B student, six math and code benchmarks), growing with length: +4.92 on "
