@@ -94,6 +94,10 @@ class ArithmeticTaskConfig(_Section):
     shortcut_frac: float = Field(0.0, ge=0, le=1, description=(
         "Share of problems whose warm-start (SFT) target is a shortcut, the question's first number as the answer "
         "with no working (the built-in student's recipe uses it; never the training or test data)."))
+    compact_frac: float = Field(0.0, ge=0, le=1, description=(
+        "Share of problems whose warm-start (SFT) target writes the working after the first line in a second, "
+        "compact format the built-in teacher never saw ('=12-3+9' for '= 12 - 3 + 9'); 'chain' style only, and "
+        "never the training or test data (an off-format student for the SFD precondition, docs/claims.md)."))
 
     @model_validator(mode="after")
     def _check(self):

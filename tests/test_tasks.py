@@ -16,6 +16,7 @@ import pytest
 
 from opdlab.config import TaskConfig
 from opdlab.tasks import ANSWER_INSTRUCTION, ArithmeticTask, FileTask, GymTask, Problem, make_task
+from opdlab.tasks.arithmetic import compact_solution
 from opdlab.tasks.verify import CheckWorkerError, run_check
 
 
@@ -85,6 +86,29 @@ def test_arithmetic_shortcut_targets():
     assert all(clean.target(p) == p.solution for p in problems)
     with pytest.raises(ValueError, match="shortcut_frac"):
         ArithmeticTask(shortcut_frac=1.5)
+
+
+def test_arithmetic_compact_targets():
+    # a share of warm-start targets writes the working lines without spaces; the first and answer lines, the
+    # problems and the verdict are unchanged
+    clean = ArithmeticTask(seed=0, min_steps=2, max_steps=3, max_value=19)
+    compact = make_task(TaskConfig(seed=0, arithmetic={"min_steps": 2, "max_steps": 3, "max_value": 19,
+                                                       "compact_frac": 0.5}))
+    problems = list(compact.problems("train")[:400])
+    assert [p.question for p in problems] == [p.question for p in clean.problems("train")[:400]]
+    rewritten = [p for p in problems if compact.target(p) != p.solution]
+    assert 0.42 < len(rewritten) / len(problems) < 0.58
+    for p in rewritten:
+        want = p.solution.split("\n")
+        got = compact.target(p).split("\n")
+        assert got[0] == want[0] and got[-1] == want[-1] == f"Answer: {p.answer}"
+        assert [g for g in got[1:-1]] == ["=" + w[2:].replace(" ", "") for w in want[1:-1]]
+        assert compact.verify(p, compact.target(p)) == 1.0
+    assert compact_solution("3 + 4 - 2\n= 7 - 2\n= 5\nAnswer: 5") == "3 + 4 - 2\n=7-2\n=5\nAnswer: 5"
+    with pytest.raises(ValueError, match="compact_frac"):
+        ArithmeticTask(compact_frac=-0.1)
+    with pytest.raises(ValueError, match="style"):
+        ArithmeticTask(style="words", compact_frac=0.5)
 
 
 def test_arithmetic_verify():

@@ -22,7 +22,8 @@ def make_task(cfg: TaskConfig) -> Task:
     if cfg.name == "arithmetic":
         a = cfg.arithmetic
         return ArithmeticTask(a.min_steps, a.max_steps, seed=cfg.seed, test_size=cfg.test_size,
-                              max_value=a.max_value, shortcut_frac=a.shortcut_frac, style=a.style)
+                              max_value=a.max_value, shortcut_frac=a.shortcut_frac, style=a.style,
+                              compact_frac=a.compact_frac)
     if cfg.name == "file":
         f = cfg.file
         return FileTask(f.train_path, f.test_path, question_field=f.question_field, answer_field=f.answer_field,

@@ -86,6 +86,13 @@ def chain_lines(first: int, ops: list[tuple[str, int]]) -> list[str]:
     return lines
 
 
+def compact_solution(solution: str) -> str:
+    """The chain style's worked solution in a second format: the first line (the question's expression) as it is,
+    the working lines after it without spaces ('= 12 - 3 + 9' -> '=12-3+9'), the answer line as it is."""
+    lines = solution.split("\n")
+    return "\n".join([lines[0]] + [ln.replace(" ", "") if ln.startswith("=") else ln for ln in lines[1:]])
+
+
 class _LazyProblems(Sequence):
     def __init__(self, n: int, make):
         self._n, self._make = n, make
@@ -107,7 +114,8 @@ class ArithmeticTask(Task):
     name = "arithmetic"
 
     def __init__(self, min_steps: int = 2, max_steps: int = 4, seed: int = 0, train_size: int = 100_000,
-                 test_size: int = 200, max_value: int = 99, shortcut_frac: float = 0.0, style: str = "chain"):
+                 test_size: int = 200, max_value: int = 99, shortcut_frac: float = 0.0, style: str = "chain",
+                 compact_frac: float = 0.0):
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
         if max_value < 9:
@@ -116,7 +124,11 @@ class ArithmeticTask(Task):
             raise ValueError(f"shortcut_frac must be in [0, 1], got {shortcut_frac}")
         if style not in ("chain", "words"):
             raise ValueError(f"style must be 'chain' or 'words', got {style!r}")
-        self.style = style
+        if not 0.0 <= compact_frac <= 1.0:
+            raise ValueError(f"compact_frac must be in [0, 1], got {compact_frac}")
+        if compact_frac and style != "chain":
+            raise ValueError(f"compact_frac rewrites the chain style's working lines; style is {style!r}")
+        self.style, self.compact_frac = style, compact_frac
         self.min_steps, self.max_steps, self.seed, self.max_value = min_steps, max_steps, seed, max_value
         self.shortcut_frac = shortcut_frac
         self.sizes = {"train": train_size, "test": test_size}
@@ -150,6 +162,8 @@ class ArithmeticTask(Task):
         does not have."""
         if self.shortcut_frac and random.Random(f"shortcut/{problem.uid}").random() < self.shortcut_frac:
             return f"Answer: {problem.question.split()[1]}"
+        if self.compact_frac and random.Random(f"compact/{problem.uid}").random() < self.compact_frac:
+            return compact_solution(problem.solution)
         return super().target(problem)
 
     def rollout_diagnostics(self, problems: Sequence[Problem], responses: Sequence[str]) -> dict[str, float]:

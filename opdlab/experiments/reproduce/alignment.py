@@ -31,7 +31,9 @@ from opdlab.experiments.reproduce.common import BUILTIN_STUDENT, BUILTIN_TEACHER
 from opdlab.run import load_run_config
 
 SIGNAL, SIGNALS = "reverse_kl", ["reverse_kl", "opd"]
-BUDGET, MIN_NODES = 12000, 20
+# 32 questions x 2 rollouts gave 4 correct nodes a seed in the [0, 0.2) bin; 96 x 2 give about three times as
+# many, so the pooled cell can reach MIN_NODES. The budget grows with the nodes (about 48 targeted rollouts a node).
+QUESTIONS, BUDGET, MIN_NODES = 96, 36000, 20
 
 
 def stratified_difference(group: dict) -> float | None:
@@ -57,7 +59,7 @@ def reproduce(out: Path, seeds: list[int], quick: bool = False, progress: bool =
     prepare_models_of(load_run_config(demo_config_path(), [f"student.path={student or BUILTIN_STUDENT}",
                                                            f"teacher.path={teacher or BUILTIN_TEACHER}"]))
     sizes = (dict(num_questions=3, samples_per_question=1, max_new_tokens=24, rollouts_per_candidate=2, budget=60,
-                  bootstrap=100) if quick else dict(num_questions=32, samples_per_question=2, budget=BUDGET))
+                  bootstrap=100) if quick else dict(num_questions=QUESTIONS, samples_per_question=2, budget=BUDGET))
     results = {}
     for seed in seeds:
         cfg = AlignmentConfig(student=ModelConfig(path=student or BUILTIN_STUDENT),
