@@ -60,6 +60,6 @@ def test_prepare_builds_a_pruned_student_from_the_teacher_and_caches_both(cache,
 def test_smollm2_recipes_chain_teacher_to_student():
     smol = get_pair("smollm2")
     teacher, student = smol.models
-    assert teacher.base is not None and student.prune_from == (teacher.name, 20)
+    assert teacher.base is not None and student.prune_from == (teacher.name, 15)
     assert teacher.sft["task"].arithmetic.style == "words" == student.sft["task"].arithmetic.style
     assert pairs.BUILTIN.models[1].sft["task"].arithmetic.shortcut_frac == 0.5

