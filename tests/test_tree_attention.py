@@ -130,7 +130,9 @@ def test_leaf_confidence_and_rewards_match_the_naive_distribution():
                         "perplexity": -torch.tensor(ent).exp().item()}
             for signal, value in expected.items():
                 got = confidence_reward(stats[b, t, k], signal).item()
-                assert got == pytest.approx(value, abs=1e-5), signal
+                # perplexity = exp(entropy): an fp32 rounding of the entropy grows by the perplexity itself (about
+                # 15 here), so it also gets a relative tolerance; fp32 kernels differ between CPUs at that level
+                assert got == pytest.approx(value, rel=5e-6, abs=1e-5), signal
     with pytest.raises(ValueError, match="unknown lookahead confidence signal 'maxp'"):
         confidence_reward(stats, "maxp")
 
