@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from rich.console import Console
 
 from opdlab.config import TaskConfig, load_config
@@ -55,6 +56,22 @@ def test_prepare_builds_a_pruned_student_from_the_teacher_and_caches_both(cache,
     # rebuilding the teacher rebuilds the student pruned from it
     prepare_pair("tiny", force=True, console=log)
     assert "1 layers of t-tiny" in log.export_text()
+
+
+def test_a_model_made_at_the_precision_auto_stands_for_is_the_auto_recipe(cache, monkeypatch):
+    # a model cached with precision bf16-mixed is the recipe asking for 'auto' where auto is bf16-mixed, and not
+    # where auto is fp32; an explicit different precision is another recipe
+    import opdlab.runtime as runtime
+    made = ModelRecipe("m-tiny", dict(TINY, precision="bf16-mixed"))
+    out = builtin_dir("m-tiny")
+    out.mkdir(parents=True)
+    (out / "sft_config.yaml").write_text(yaml.safe_dump(made.sft_config().model_dump(mode="json")))
+    auto = ModelRecipe("m-tiny", dict(TINY, precision="auto"))
+    monkeypatch.setattr(runtime, "bf16_is_fast", lambda device: True)
+    assert is_prepared(made) and is_prepared(auto)
+    assert not is_prepared(ModelRecipe("m-tiny", dict(TINY, precision="fp32")))
+    monkeypatch.setattr(runtime, "bf16_is_fast", lambda device: False)
+    assert is_prepared(made) and not is_prepared(auto)
 
 
 def test_smollm2_recipes_chain_teacher_to_student():

