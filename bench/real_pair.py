@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from opdlab.experiments.pairs import SMOLLM2, is_prepared
     from opdlab.models.loading import builtin_dir
+
     if not all(is_prepared(r) for r in SMOLLM2.models):
         sys.exit("the SmolLM2 pair is not prepared here: run `opdlab prepare --pair smollm2` first (~25 min)")
     args.batch = args.batch or (4 if args.quick else 8)

@@ -104,6 +104,9 @@ class ArithmeticTaskConfig(_Section):
         if self.min_steps > self.max_steps:
             raise ValueError(f"task.arithmetic.min_steps ({self.min_steps}) must be <= task.arithmetic.max_steps "
                              f"({self.max_steps})")
+        if self.compact_frac and self.style != "chain":
+            raise ValueError(f"task.arithmetic.compact_frac rewrites the 'chain' style's working lines; "
+                             f"task.arithmetic.style is {self.style!r}")
         return self
 
 

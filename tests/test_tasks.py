@@ -433,3 +433,8 @@ def test_words_style_tells_the_same_chain_and_checks_out():
         assert words.verify(p, p.solution) == 1.0 and words.verify(p, "Answer: -1") == 0.0
     with pytest.raises(ValueError, match="style"):
         ArithmeticTask(style="prose")
+
+
+def test_compact_frac_with_the_words_style_is_a_config_error_naming_both_keys():
+    with pytest.raises(ValueError, match=r"task\.arithmetic\.compact_frac .* task\.arithmetic\.style is 'words'"):
+        TaskConfig(arithmetic={"style": "words", "compact_frac": 0.5})
