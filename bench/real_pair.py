@@ -16,7 +16,7 @@ Sides, run interleaved in one process (the order rotates every round, so load fr
 
 Every side trains the same objective: KL(student || teacher) over the whole vocabulary at each completion token
 (opdlab's `jsd` with beta = 1), on the same prompts in the same order (the words arithmetic task's training
-stream), the same student and teacher (`builtin:smollm2-student`, 15 layers, and `builtin:smollm2-teacher`, 30),
+stream), the same student and teacher (`builtin:smollm2-student`, 20 layers, and `builtin:smollm2-teacher`, 30),
 batch, completion length (EOS suppressed, so every completion is full length), temperature 1, AdamW at the same
 lr, constant schedule, gradient clipping 1.0. TRL runs in its own precision defaults, which work on this CPU: both
 configs default to `bf16=True` (autocast bf16 through accelerate, fp32 weights), with gradient checkpointing off

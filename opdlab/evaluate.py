@@ -180,7 +180,8 @@ class EvalResult:
         table.add_row("pass@1", _pct(self.pass_at_1), "")
         table.add_row("mean length (tokens)", f"{self.mean_length:.1f}", "")
         table.add_row("truncated", _pct(self.truncated_frac), "", end_section=True)
-        for key in ("shortcut_rate", "hindsight_rate", "step_err_first_quarter", "step_err_last_quarter"):
+        for key in ("answer_only", "shortcut_rate", "hindsight_rate", "step_err_first_quarter",
+                    "step_err_last_quarter"):
             if key in self.extra:
                 table.add_row(key.replace("_", " "), _pct(self.extra[key]), "",
                               end_section=key.endswith("last_quarter"))
@@ -345,7 +346,7 @@ def evaluate_model(model_cfg: ModelConfig, task: Task, cfg: EvalConfig, *, devic
 
 # the task's own behaviour metrics (`Task.rollout_diagnostics`) under the names an eval record has used
 _EXTRA_NAMES = {"leak/shortcut_rate": "shortcut_rate", "leak/events_per_rollout": "shortcut_events_per_rollout",
-                "leak/hindsight_rate": "hindsight_rate",
+                "leak/hindsight_rate": "hindsight_rate", "format/answer_only": "answer_only",
                 "drift/step_err_first_quarter": "step_err_first_quarter",
                 "drift/step_err_last_quarter": "step_err_last_quarter"}
 

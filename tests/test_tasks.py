@@ -88,6 +88,17 @@ def test_arithmetic_shortcut_targets():
         ArithmeticTask(shortcut_frac=1.5)
 
 
+def test_arithmetic_shortcut_targets_words_style():
+    # told as a story, the shortcut still answers the start value: the number the worked solution starts with
+    words = ArithmeticTask(seed=0, min_steps=3, max_steps=8, max_value=50, style="words", shortcut_frac=0.5)
+    problems = list(words.problems("train")[:200])
+    shortcuts = [p for p in problems if words.target(p) != p.solution]
+    assert 0.4 < len(shortcuts) / len(problems) < 0.6
+    for p in shortcuts:
+        start = p.solution.splitlines()[0].split(" starts with ")[1].split()[0]
+        assert words.target(p) == f"Answer: {start}"
+
+
 def test_arithmetic_compact_targets():
     # a share of warm-start targets writes the working lines without spaces; the first and answer lines, the
     # problems and the verdict are unchanged
@@ -438,3 +449,17 @@ def test_words_style_tells_the_same_chain_and_checks_out():
 def test_compact_frac_with_the_words_style_is_a_config_error_naming_both_keys():
     with pytest.raises(ValueError, match=r"task\.arithmetic\.compact_frac .* task\.arithmetic\.style is 'words'"):
         TaskConfig(arithmetic={"style": "words", "compact_frac": 0.5})
+
+
+def test_arithmetic_answer_only_rate():
+    # null: the worked solutions read 0; the shortcut targets read 1; a mix reads its share, counted here directly
+    task = ArithmeticTask(seed=0, min_steps=3, max_steps=8, max_value=50, style="words", shortcut_frac=0.5)
+    problems = list(task.problems("train")[:100])
+    clean = [p.solution for p in problems]
+    targets = [task.target(p) for p in problems]
+    assert task.rollout_diagnostics(problems, clean)["format/answer_only"] == 0.0
+    shortcuts = sum(t != p.solution for t, p in zip(targets, problems))
+    assert 30 < shortcuts < 70
+    assert task.rollout_diagnostics(problems, targets)["format/answer_only"] == shortcuts / len(problems)
+    assert task.rollout_diagnostics(problems[:3], ["\n  Answer: 3", "Eva has 2.\nAnswer: 2", ""])[
+        "format/answer_only"] == 1 / 3

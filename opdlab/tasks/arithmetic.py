@@ -22,6 +22,7 @@ the data are deterministic and the train and test splits never share a generator
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 
 from opdlab.tasks.base import ANSWER_INSTRUCTION, Task, check_split, extract_answer
@@ -93,6 +94,12 @@ def compact_solution(solution: str) -> str:
     return "\n".join([lines[0]] + [ln.replace(" ", "") if ln.startswith("=") else ln for ln in lines[1:]])
 
 
+def answer_only(response: str) -> bool:
+    """Whether a response's first non-empty line is its answer line ("Answer: ..."): no working before it."""
+    first = next((line.strip() for line in response.splitlines() if line.strip()), "")
+    return first.startswith("Answer:")
+
+
 class _LazyProblems(Sequence):
     def __init__(self, n: int, make):
         self._n, self._make = n, make
@@ -161,14 +168,19 @@ class ArithmeticTask(Task):
         cancel out). Warm-start data with such a share teach a model a habit that a teacher trained on clean data
         does not have."""
         if self.shortcut_frac and random.Random(f"shortcut/{problem.uid}").random() < self.shortcut_frac:
-            return f"Answer: {problem.question.split()[1]}"
+            return f"Answer: {re.search(r'[0-9]+', problem.question).group()}"
         if self.compact_frac and random.Random(f"compact/{problem.uid}").random() < self.compact_frac:
             return compact_solution(problem.solution)
         return super().target(problem)
 
     def rollout_diagnostics(self, problems: Sequence[Problem], responses: Sequence[str]) -> dict[str, float]:
-        """Shortcut events against the oracle trace and step errors of the chain format (`opdlab.tasks.hindsight`)."""
-        return rollout_diagnostics(list(problems), list(responses))
+        """Shortcut events against the oracle trace and step errors of the chain format (`opdlab.tasks.hindsight`),
+        and `format/answer_only`: the share of responses that give an answer line before any working (the habit
+        `shortcut_frac` teaches)."""
+        out = rollout_diagnostics(list(problems), list(responses))
+        if responses:
+            out["format/answer_only"] = sum(answer_only(r) for r in responses) / len(responses)
+        return out
 
     def verify(self, problem: Problem, response: str) -> float:
         got = extract_answer(response)
