@@ -87,9 +87,9 @@ BUILTIN = Pair("builtin", "built-in task", "demo.yaml", (
 # The SmolLM2 pair's recipes. The teacher is SmolLM2-135M-Instruct fine-tuned on worked solutions of the words task.
 # The student keeps 20 of the teacher's 30 layers and is repaired by SFT on the same task, but, as the character
 # student, with half of its targets the shortcut "Answer: <the start value>" (`shortcut_frac`): it learns the stories
-# and a habit the teacher lacks. A 15-layer student repaired on clean data reached 4.7 % (mean@4), and 30 OPD steps
-# did not raise it (docs/results/smollm2-pair.md); with the habit the student's weakness is one that on-policy
-# feedback reaches at the first token of a rollout.
+# and a habit the teacher lacks (answer-only on 37 % of its responses; mean@4 3.9 %). The demo's OPD removes the habit
+# but the student then writes long, wrong working and its accuracy does not rise (docs/results/smollm2-pair.md); a
+# 15-layer student repaired on clean data (4.7 %) did not improve either.
 SMOLLM2 = Pair("smollm2", "SmolLM2 pair, words task", "demo_smollm2.yaml", (
     ModelRecipe("smollm2-teacher", dict(task=TaskConfig(**WORDS_TASK), steps=80, batch_size=16, lr=1e-4,
                                         warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
