@@ -67,7 +67,7 @@ class KLRows(torch.autograd.Function):
         forward  KL(q || p) = sum_v q (log q - log p),  d/dz_j = p_j - q_j
 
     The gradient is made in the forward pass (one (C, V) tensor kept), in fewer (C, V) passes than autograd's graph
-    through log_softmax, exp, the product and the sum: the whole objective ran 1.04-1.07x faster at the SmolLM2
+    through log_softmax, exp, the product and the sum: the whole objective ran 1.04-1.10x faster at the SmolLM2
     pair's shapes (bench/divergence_chunk.py). Returns (the KL, the other direction's KL, log p), the last two
     without gradient."""
 
