@@ -178,6 +178,11 @@ class RolloutConfig(_Section):
         "backend builtin: 'static' decodes into a key/value cache allocated once for prompt + max_new_tokens "
         "(transformers' StaticCache); 'dynamic' grows the model's default cache a position a step. Same tokens; "
         "static is faster (docs/benchmarks.md). Use dynamic for a model whose cache StaticCache cannot hold."))
+    packed_linears: Literal["auto", "off"] = Field("auto", description=(
+        "backend builtin: 'auto' decodes, on a CPU under bf16-mixed precision where oneDNN runs bf16, with every "
+        "Linear weight cast to bf16 and reordered for oneDNN once per sampling call instead of at every product "
+        "(opdlab.rollout.packed; faster decoding, docs/benchmarks.md); 'off' uses the plain products. The tokens "
+        "can differ in rare near-ties: the products differ in summation order."))
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description=(
         "backend vllm: fraction of the GPU's memory the vLLM engine may take (the rest is the trainer's)."))
 

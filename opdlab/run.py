@@ -61,7 +61,7 @@ class Preempted(TrainingError):
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
              "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
              "train.micro_batch_size", "train.gradient_checkpointing", "scoring.chunk_size",
-             "task.allow_data_change", "rollout.kv_cache", "device", "run_dir",
+             "task.allow_data_change", "rollout.kv_cache", "rollout.packed_linears", "device", "run_dir",
              "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
 

@@ -77,7 +77,7 @@ def test_a_model_made_at_the_precision_auto_stands_for_is_the_auto_recipe(cache,
 def test_smollm2_recipes_chain_teacher_to_student():
     smol = get_pair("smollm2")
     teacher, student = smol.models
-    assert teacher.base is not None and student.prune_from == (teacher.name, 20)
+    assert teacher.base is not None and student.prune_from == (teacher.name, 24)
     assert teacher.sft["task"].arithmetic.style == "words" == student.sft["task"].arithmetic.style
     assert pairs.BUILTIN.models[1].sft["task"].arithmetic.shortcut_frac == 0.5
     assert student.sft["task"].arithmetic.shortcut_frac == 0.5 and teacher.sft["task"].arithmetic.shortcut_frac == 0

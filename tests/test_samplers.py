@@ -15,6 +15,7 @@ from opdlab.config import ConfigError, RolloutConfig, load_config
 from opdlab.distributed import row_generators
 from opdlab.models.logprobs import student_forward
 from opdlab.rollout.builtin import sample
+from opdlab.rollout.packed import packed_linears, packing_supported, use_packing
 from opdlab.rollout.vllm import VLLMSampler, pack_outputs
 from opdlab.rollout.samplers import BuiltinSampler, make_sampler
 from opdlab.tasks.arithmetic import ArithmeticTask
@@ -101,3 +102,40 @@ def test_vllm_backend_without_vllm_says_what_to_do(student_model, tokenizer, mod
 def test_backend_is_validated():
     with pytest.raises(ConfigError, match=r"rollout.backend.*'builtin' or 'vllm'"):
         load_config(None, ["rollout.backend=sglang"])
+
+
+@pytest.mark.skipif(not packing_supported(torch.device("cpu")), reason="oneDNN's bf16 linear needs AVX512 here")
+def test_packed_linears_sample_what_autocast_samples(student_model, tokenizer):
+    """Under bf16 autocast, decoding on weights prepacked for oneDNN (`rollout.packed_linears: auto`) against
+    autocast's own casts ('off'): the same tokens, log-probs within bf16 rounding; the modules are put back."""
+    problems = ArithmeticTask(seed=3, min_steps=1, max_steps=4).problems("train")[:6]
+    out = {}
+    for packed in ("auto", "off"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert use_packing(packed, torch.device("cpu")) == (packed == "auto")
+            out[packed] = sample(student_model, tokenizer, problems, max_new_tokens=30, temperature=1.0,
+                                 generator=row_generators([1, 2, 3, 4, 5, 6], torch.device("cpu")), packed=packed)
+    assert torch.equal(out["auto"].completion_ids_B_T, out["off"].completion_ids_B_T)
+    torch.testing.assert_close(out["auto"].logp_old_B_T, out["off"].logp_old_B_T, rtol=0, atol=1e-2)
+    assert not any("forward" in vars(m) for m in student_model.modules())
+    assert not use_packing("auto", torch.device("cpu"))  # no autocast: fp32 products, nothing to pack
+
+
+def test_packed_linears_compute_each_linear_and_restore_it_on_error():
+    if not packing_supported(torch.device("cpu")):
+        pytest.skip("oneDNN's bf16 linear needs AVX512 here")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.SiLU(), torch.nn.Linear(24, 8, bias=False))
+    x_B_1_D = torch.randn(3, 1, 40)
+    with torch.no_grad():
+        def bf16(t):  # as float64, after rounding to bf16
+            return t.bfloat16().double()
+        h = bf16(bf16(x_B_1_D) @ bf16(model[0].weight).T + bf16(model[0].bias))  # each product's bf16 output
+        want = bf16(bf16(torch.nn.functional.silu(h)) @ bf16(model[2].weight).T).float()
+        with pytest.raises(RuntimeError, match="inside"):
+            with packed_linears(model, rows=3):
+                got = model(x_B_1_D)
+                raise RuntimeError("inside")
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 1, 8)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    assert not any("forward" in vars(m) for m in model.modules())

