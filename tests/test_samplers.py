@@ -139,3 +139,16 @@ def test_packed_linears_compute_each_linear_and_restore_it_on_error():
     assert got.dtype == torch.bfloat16 and got.shape == (3, 1, 8)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_packed_linears_refuse_a_bad_setting_and_leave_hooked_modules_alone(student_model, tokenizer):
+    with pytest.raises(ValueError, match="packed_linears must be 'auto' or 'off', got 'on'"):
+        sample(student_model, tokenizer, PROBLEMS[:1], max_new_tokens=2, packed="on")
+    if not packing_supported(torch.device("cpu")):
+        pytest.skip("oneDNN's bf16 linear needs AVX512 here")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    hook = model[0].forward  # an instance-level forward, as accelerate's hooks install
+    model[0].forward = hook
+    with packed_linears(model, rows=1):
+        assert vars(model[0])["forward"] is hook and "forward" in vars(model[1])
+    assert vars(model[0])["forward"] is hook and "forward" not in vars(model[1])

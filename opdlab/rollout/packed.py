@@ -3,15 +3,15 @@
 A decoding step multiplies a handful of rows (the batch) by every weight matrix of the model. On a CPU under bf16
 autocast each such `F.linear` goes to oneDNN with the weight in its plain layout, which oneDNN reorders into its
 blocked one (or reads in the slower plain one) on every call; at a batch of 8 that is a large share of the call.
-Reordering each weight once per `sample` call, for the
-batch size decoding will use, and calling oneDNN's linear on the packed copy removes that cost (bench/decode_linear.py
-measures both side by side: on a 2-core AVX512-BF16 CPU the SmolLM2 student's products at 8 rows ran 1.37x faster,
-and its sampling 1.24x, docs/benchmarks.md).
+Reordering each weight once per `sample` call, for the batch size decoding will use, and calling oneDNN's linear on
+the packed copy removes that cost (bench/decode_linear.py measures both side by side: on a 2-core AVX512-BF16 CPU
+the SmolLM2 student's products at 8 rows ran 1.37x faster, and its sampling 1.24x, docs/benchmarks.md).
 
 `packed_linears(model, rows)` does this for every `torch.nn.Linear` of the model (LoRA's base and adapter layers
-included) for the duration of a `with` block and puts the modules back as they were after it. The packed copies are
-bf16, as autocast's casts would be, so the products are the same up to the summation order inside the kernel;
-`tests/test_samplers.py` checks them against the plain path.
+included) for the duration of a `with` block and puts the modules back as they were after it. A Linear whose
+`forward` is already replaced on the instance (accelerate's hooks, e.g. for offloaded weights) is left as it is. The
+packed copies are bf16, as autocast's casts would be, so the products are the same up to the summation order inside
+the kernel; `tests/test_samplers.py` checks them against the plain path.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def packing_supported(device: torch.device) -> bool:
 def use_packing(setting: str, device: torch.device) -> bool:
     """Whether `rollout.packed_linears` = `setting` packs here: 'auto' where it is supported and sampling runs
     under bf16 autocast (bf16-mixed precision), 'off' never."""
+    if setting not in ("auto", "off"):
+        raise ValueError(f"packed_linears must be 'auto' or 'off', got {setting!r}")
     if setting == "off":
         return False
     return torch.is_autocast_enabled(device.type) and \
@@ -62,7 +64,7 @@ def packed_linears(model: torch.nn.Module, rows: int, enabled: bool = True) -> I
     if not enabled:
         yield
         return
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" not in vars(m)]
     packs: dict[int, PackedLinear] = {}  # keyed by weight, so modules that share a weight share its packed copy
     for m in linears:
         key = id(m.weight)
