@@ -130,8 +130,8 @@ def sft_loss(model, ids_R_L, mask, labels_R_L, position_ids_R_L=None, chunk_size
     """Mean cross-entropy of the labelled next tokens (labels shifted by one, as transformers' causal-LM loss),
     with the output layer run only at the positions that predict a label: on worked solutions that is about half of
     them, and no (rows, length, vocab) logit tensor is made. `mask` is `sft_batch`'s (rows, length) padding mask or
-    `packed_sft_batch`'s 4-D mask. Chunks of `chunk_size` positions past the first are recomputed in the backward
-    pass, so at most one chunk's logits are held."""
+    `packed_sft_batch`'s 4-D mask. With more than `chunk_size` such positions, each chunk of them is recomputed in
+    the backward pass, so at most one chunk's logits are held."""
     out = model.get_decoder()(input_ids=ids_R_L, attention_mask=mask, position_ids=position_ids_R_L, use_cache=False)
     targets_R_L = labels_R_L[:, 1:]
     at_R_L = targets_R_L != -100
@@ -143,9 +143,9 @@ def sft_loss(model, ids_R_L, mask, labels_R_L, position_ids_R_L=None, chunk_size
         return F.cross_entropy(chunk_logits(h_C_H, head, vocab, softcap), y_C, reduction="sum")
 
     total = hidden_N_H.new_zeros((), dtype=torch.float32)
+    several = len(targets_N) > chunk_size and torch.is_grad_enabled()
     for start in range(0, len(targets_N), chunk_size):
         args = (hidden_N_H[start:start + chunk_size], targets_N[start:start + chunk_size])
-        several = len(targets_N) > chunk_size and torch.is_grad_enabled()
         total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if several else chunk_loss(*args))
     return total / max(len(targets_N), 1)
 
