@@ -194,6 +194,11 @@ class TeacherScoringConfig(_Section):
     chunk_size: int = Field(1024, ge=1, description=(
         "Positions per chunk when turning hidden states into log-probs (teacher scoring, the student's forward and "
         "the objectives' own logits): bounds peak memory at chunk_size x vocabulary fp32 values per model."))
+    packing: bool = Field(False, description=(
+        "Run the teacher's scoring forward and the student's loss forward on the rollouts' real tokens packed "
+        "several to a row (block-diagonal causal mask, positions restarting per rollout; opdlab.models.packing) "
+        "instead of the padded (prompts + completions) layout: the same hidden states up to rounding, with no "
+        "padding computed. Off keeps the padded layout. Not with the lookahead objective's tree attention."))
 
 
 class DivergenceConfig(_Section):

@@ -60,7 +60,7 @@ class Preempted(TrainingError):
 # the rollout settings) shapes what the checkpoint's state means, and changing it is refused.
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
              "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
-             "train.micro_batch_size", "train.gradient_checkpointing", "scoring.chunk_size",
+             "train.micro_batch_size", "train.gradient_checkpointing", "scoring.chunk_size", "scoring.packing",
              "task.allow_data_change", "rollout.kv_cache", "rollout.packed_linears", "device", "run_dir",
              "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
@@ -147,7 +147,7 @@ class Run:
     def student_forward(self, rollouts: Rollouts) -> StudentOutputs:
         """The student's differentiable log-probs of `rollouts`, through the prepared wrapper."""
         return student_forward(PreparedStudent(self.student, self.prepared), rollouts, self.vocab_size,
-                               self.cfg.scoring.chunk_size)
+                               self.cfg.scoring.chunk_size, packing=self.cfg.scoring.packing)
 
     def save(self, step: int, model_state: dict, optimizer_state: dict) -> None:
         """Checkpoint `step` (main process; `model_state` / `optimizer_state` gathered by every process). A failed

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from opdlab.config import THREADS_DOC, ModelConfig, TaskConfig, _Section, save_config
 from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
 from opdlab.models.logprobs import chunk_logits, softcap_of
+from opdlab.models.packing import block_causal_mask, first_fit
 from opdlab.models.prompts import render_prompt
 from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything, threads_pinned
 from opdlab.tasks import make_task
@@ -97,16 +98,7 @@ def packed_sft_batch(tokenizer, task, problems, device, dtype: torch.dtype = tor
     first token are -100 (its prompt), so no example is trained to follow the one before it."""
     rows = sft_rows(tokenizer, task, problems, questions)
     L = max([len(ids) for ids, _ in rows] + [row_len or 0])
-    bins: list[list[int]] = []  # example indices per packed row
-    room: list[int] = []
-    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-        n = len(rows[i][0])
-        j = next((j for j, r in enumerate(room) if r >= n), None)
-        if j is None:
-            bins.append([]), room.append(L)
-            j = len(bins) - 1
-        bins[j].append(i)
-        room[j] -= n
+    bins = first_fit([len(ids) for ids, _ in rows], L)
     R = len(bins)
     ids = torch.full((R, L), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((R, L), -100, dtype=torch.long)
@@ -120,9 +112,7 @@ def packed_sft_batch(tokenizer, task, problems, device, dtype: torch.dtype = tor
             pos[r, at:at + len(x)] = torch.arange(len(x))
             segment[r, at:at + len(x)] = k
             at += len(x)
-    causal_L_L = torch.ones(L, L, dtype=torch.bool).tril_()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal_L_L
-    mask = torch.zeros((R, 1, L, L), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    mask = block_causal_mask(segment, dtype)
     return ids.to(device), mask.to(device), labels.to(device), pos.to(device)
 
 

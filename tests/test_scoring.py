@@ -224,7 +224,8 @@ def rollouts(eos_model, tokenizer):
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4096])
 @pytest.mark.parametrize("own_prompt", [False, True])
-def test_teacher_score_matches_full_logits(tokenizer, rollouts, chunk_size, own_prompt):
+@pytest.mark.parametrize("packing", [False, True])
+def test_teacher_score_matches_full_logits(tokenizer, rollouts, chunk_size, own_prompt, packing):
     V, K = len(tokenizer), 5
     teacher = tiny_llama(tokenizer, 4, extra_rows=7, **TEACHER_SIZE)  # 7 padding rows in the output layer
     with torch.no_grad():
@@ -235,10 +236,10 @@ def test_teacher_score_matches_full_logits(tokenizer, rollouts, chunk_size, own_
         p_ids, p_mask = encode_prompts(tokenizer, texts)
         assert p_ids.shape[1] != rollouts.prompt_ids_B_P.shape[1]
         s = score(teacher, rollouts, V, top_k=K, chunk_size=chunk_size, teacher_prompt_ids_B_P=p_ids,
-                  teacher_prompt_mask_B_P=p_mask)
+                  teacher_prompt_mask_B_P=p_mask, packing=packing)
     else:
         p_ids, p_mask = rollouts.prompt_ids_B_P, rollouts.prompt_mask_B_P
-        s = score(teacher, rollouts, V, top_k=K, chunk_size=chunk_size)
+        s = score(teacher, rollouts, V, top_k=K, chunk_size=chunk_size, packing=packing)
     logits = completion_logits(teacher, p_ids, p_mask, rollouts.completion_ids_B_T, rollouts.completion_mask_B_T)
     assert logits.shape[-1] == V + 7
     logp = F.log_softmax(logits[..., :V], -1)
@@ -311,7 +312,8 @@ def test_teacher_prompt_changes_scores(tokenizer, rollouts):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4096])
-def test_student_forward_logp_and_grad_match_unchunked(tokenizer, rollouts, chunk_size):
+@pytest.mark.parametrize("packing", [False, True])
+def test_student_forward_logp_and_grad_match_unchunked(tokenizer, rollouts, chunk_size, packing):
     V = len(tokenizer)
     ref_model = tiny_llama(tokenizer, 1, extra_rows=3, **STUDENT_SIZE)
     model = tiny_llama(tokenizer, 1, extra_rows=3, **STUDENT_SIZE)
@@ -327,7 +329,7 @@ def test_student_forward_logp_and_grad_match_unchunked(tokenizer, rollouts, chun
     ref_logp = logp_all.gather(-1, rollouts.completion_ids_B_T[..., None]).squeeze(-1)
     ref_logp[m].sum().backward()
 
-    out = student_forward(model, rollouts, V, chunk_size=chunk_size)
+    out = student_forward(model, rollouts, V, chunk_size=chunk_size, packing=packing)
     torch.testing.assert_close(out.logp_B_T[m], ref_logp[m].detach(), rtol=0, atol=2e-5)
     assert torch.all(out.logp_B_T[~m] == 0)
     ref_entropy = -(logp_all.exp() * logp_all).sum(-1).detach()

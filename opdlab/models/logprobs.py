@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from opdlab.models.packing import packed_final_hidden
 from opdlab.models.prompts import position_ids
 from opdlab.types import StudentOutputs
 
@@ -62,11 +63,14 @@ def token_stats(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, lm_head: torc
     return tuple(torch.cat(p, dim=0) for p in zip(*parts))
 
 
-def completion_hidden(model, prompt_ids_B_P, prompt_mask_B_P, completion_ids_B_T, completion_mask_B_T):
-    """Hidden states that predict each completion token: position P-1+t predicts y_t. Returns (B, T, H)."""
+def completion_hidden(model, prompt_ids_B_P, prompt_mask_B_P, completion_ids_B_T, completion_mask_B_T,
+                      packing: bool = False):
+    """Hidden states that predict each completion token: position P-1+t predicts y_t. Returns (B, T, H).
+    `packing`: the forward runs on the rows' real tokens packed several to a row (`opdlab.models.packing`), with
+    the same hidden states up to rounding, zero where the predicting position is padding."""
     ids = torch.cat([prompt_ids_B_P, completion_ids_B_T], dim=1)
     mask = torch.cat([prompt_mask_B_P, completion_mask_B_T], dim=1)
-    hidden_B_L_H = final_hidden(model, ids, mask)
+    hidden_B_L_H = (packed_final_hidden if packing else final_hidden)(model, ids, mask)
     P, T = prompt_ids_B_P.shape[1], completion_ids_B_T.shape[1]
     return hidden_B_L_H[:, P - 1:P - 1 + T]
 
@@ -82,10 +86,11 @@ def scatter_back(values_N: torch.Tensor, mask_B_T: torch.Tensor, fill: float = 0
     return out
 
 
-def student_forward(model, rollouts, vocab_size: int, chunk_size: int = 1024) -> StudentOutputs:
-    """The student's differentiable log-probs of its sampled tokens (plus detached entropy)."""
+def student_forward(model, rollouts, vocab_size: int, chunk_size: int = 1024, packing: bool = False) -> StudentOutputs:
+    """The student's differentiable log-probs of its sampled tokens (plus detached entropy); `packing` as in
+    `completion_hidden`."""
     hidden_B_T_H = completion_hidden(model, rollouts.prompt_ids_B_P, rollouts.prompt_mask_B_P,
-                                     rollouts.completion_ids_B_T, rollouts.completion_mask_B_T)
+                                     rollouts.completion_ids_B_T, rollouts.completion_mask_B_T, packing=packing)
     mask_B_T = rollouts.completion_mask_B_T.bool()
     logp_N, ent_N, _, _, _ = token_stats(
         hidden_B_T_H[mask_B_T], rollouts.completion_ids_B_T[mask_B_T], model.get_output_embeddings(), vocab_size,

@@ -27,13 +27,15 @@ def score(teacher, rollouts: Rollouts, vocab_size: int, *, top_k: int = 0, chunk
           teacher_prompt_ids_B_P: torch.Tensor | None = None,
           teacher_prompt_mask_B_P: torch.Tensor | None = None, keep_hidden: bool = False,
           lookahead: LookaheadRequest | None = None, student=None,
-          pending_B_T: torch.Tensor | None = None) -> TeacherScores:
+          pending_B_T: torch.Tensor | None = None, packing: bool = False) -> TeacherScores:
     """Score a batch of rollouts with the teacher (by default on the student's own prompts).
 
     `keep_hidden` also returns the (B, T, H) hidden states and the output layer (no (B, T, V) tensor is made);
     `lookahead` also returns the candidate rewards of the lookahead objective (needs `student`).
     `pending_B_T` (with `keep_hidden`, no top-K): positions whose token statistics the objective will compute from
     its own logits (`TeacherScores.pending_B_T`); no logits are made for them here.
+    `packing`: the teacher's forward runs on the real tokens packed several to a row (`opdlab.models.packing`); the
+    lookahead objective's passes keep their own layout.
     A teacher served over HTTP (`opdlab.teacher.remote.RemoteTeacher`) is accepted in place of the model."""
     if not isinstance(teacher, torch.nn.Module):
         if lookahead is not None:
@@ -54,7 +56,7 @@ def score(teacher, rollouts: Rollouts, vocab_size: int, *, top_k: int = 0, chunk
     lookahead_fields = {}
     if lookahead is None:
         hidden_B_T_H = completion_hidden(teacher, p_ids.to(device), p_mask.to(device),
-                                         rollouts.completion_ids_B_T.to(device), mask_B_T.long())
+                                         rollouts.completion_ids_B_T.to(device), mask_B_T.long(), packing=packing)
     else:  # the rollout and every candidate leaf, segment by segment (opdlab.teacher.tree_attention)
         hidden_B_T_H, lookahead_fields = lookahead_scores(teacher, student, rollouts, p_ids, p_mask, lookahead,
                                                           vocab_size, chunk_size)
