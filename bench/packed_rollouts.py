@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             lengths = (rollouts.prompt_mask_B_P.sum(1) + rollouts.completion_mask_B_T.sum(1)).tolist()
             print(f"batch {i + 1}: {len(lengths)} rollouts of {min(lengths)}-{max(lengths)} tokens; " + ", ".join(
                 f"{v} {times[v]['teacher'][-1]:.2f} + {times[v]['update'][-1]:.2f} s" for v in VARIANTS), flush=True)
-        computed = {"padded": [r.prompt_ids_B_P.shape[1] + r.completion_ids_B_T.shape[1] for r in batches[1:]]}
-        padded_positions = statistics.mean(len(r.problems) * L for r, L in zip(batches[1:], computed["padded"]))
+        padded_positions = statistics.mean(r.input_ids().numel() for r in batches[1:])
         real_positions = statistics.mean(r.prompt_mask_B_P.sum().item() + r.num_tokens for r in batches[1:])
         hidden = run.student.config.hidden_size
         peak = measure_peak([(4096, hidden, run.student.config.intermediate_size),

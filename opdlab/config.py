@@ -198,7 +198,8 @@ class TeacherScoringConfig(_Section):
         "Run the teacher's scoring forward and the student's loss forward on the rollouts' real tokens packed "
         "several to a row (block-diagonal causal mask, positions restarting per rollout; opdlab.models.packing) "
         "instead of the padded (prompts + completions) layout: the same hidden states up to rounding, with no "
-        "padding computed. Off keeps the padded layout. Not with the lookahead objective's tree attention."))
+        "padding computed. Off keeps the padded layout. The lookahead objective's teacher passes (tree attention) keep "
+        "their own layout."))
 
 
 class DivergenceConfig(_Section):

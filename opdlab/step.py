@@ -79,8 +79,7 @@ def score_rollouts(run: Run, rollouts: Rollouts) -> TeacherScores:
     the student propose its candidates, so the student's parameters are gathered for it under FSDP."""
     cfg, request = run.cfg, run.teacher_request
     kwargs = dict(top_k=max(cfg.scoring.top_k, request.top_k), chunk_size=cfg.scoring.chunk_size,
-                  **({"packing": True} if cfg.scoring.packing else {}),
-                  keep_hidden=request.hidden, lookahead=request.lookahead,
+                  packing=cfg.scoring.packing, keep_hidden=request.hidden, lookahead=request.lookahead,
                   student=run.student if request.lookahead is not None else None)
     views = ("full", "partial") if request.both_views else (cfg.privileged.view,)
     # a teacher with a prompt format of its own (system prompt, template, template variables) gets its own prompt
