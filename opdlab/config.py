@@ -178,6 +178,12 @@ class RolloutConfig(_Section):
         "backend builtin: 'static' decodes into a key/value cache allocated once for prompt + max_new_tokens "
         "(transformers' StaticCache); 'dynamic' grows the model's default cache a position a step. Same tokens; "
         "static is faster (docs/benchmarks.md). Use dynamic for a model whose cache StaticCache cannot hold."))
+    decoder: Literal["auto", "hf"] = Field("auto", description=(
+        "backend builtin: 'auto' runs the prefill and decoding steps of Llama-family models (Llama, Mistral, Qwen2, "
+        "Qwen3; LoRA or not) with opdlab's lean step (opdlab.rollout.lean: fused products, weights cast and packed "
+        "once per sampling call, fewer operators; the same computation, so the same tokens in fp32; 1.5-2x faster "
+        "sampling on a CPU, docs/benchmarks.md) and other models with transformers' forward; 'hf' always uses "
+        "transformers' forward (kv_cache and packed_linears apply to it)."))
     packed_linears: Literal["auto", "off"] = Field("auto", description=(
         "backend builtin: 'auto' decodes, on a CPU under bf16-mixed precision where oneDNN runs bf16, with every "
         "Linear weight cast to bf16 and reordered for oneDNN once per sampling call instead of at every product "

@@ -31,6 +31,7 @@ from opdlab.models.loading import check_compatible, load_model
 from opdlab.models.logprobs import student_forward
 from opdlab.models.prompts import check_completion_agreement, stop_token_ids
 from opdlab.objectives import Objective, check_objective
+from opdlab.rollout.lean import why_not_lean
 from opdlab.rollout.masking import masked_token_ids, special_token_ids
 from opdlab.rollout.samplers import Sampler, make_sampler
 from opdlab.runtime import autocast, make_scheduler, resolve_device, seed_everything, set_threads
@@ -61,8 +62,8 @@ class Preempted(TrainingError):
 RESUMABLE = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.sample_every",
              "train.fidelity_every", "train.max_bad_steps", "train.max_update_ratio", "train.threads",
              "train.micro_batch_size", "train.gradient_checkpointing", "scoring.chunk_size", "scoring.packing",
-             "task.allow_data_change", "rollout.kv_cache", "rollout.packed_linears", "device", "run_dir",
-             "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
+             "task.allow_data_change", "rollout.kv_cache", "rollout.packed_linears", "rollout.decoder", "device",
+             "run_dir", "eval.*", "fidelity.*", "track.*", "remote_teacher.*")
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, object]:
@@ -313,6 +314,10 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
                          "the student's state_dict, which FSDP holds in shards. Use DDP (`accelerate launch "
                          "--multi_gpu`) with vLLM, or the built-in sampler (rollout.backend=builtin) with FSDP")
     sampler = make_sampler(cfg.rollout, student, tokenizer, pairing.vocab_size, cfg.student.path)
+    if main and cfg.rollout.backend == "builtin":
+        why = why_not_lean(student) if cfg.rollout.decoder == "auto" else "rollout.decoder=hf"
+        print(f"rollouts: {'lean decoding step' if why is None else f'transformers forward ({why})'}",
+              file=sys.stderr, flush=True)
     logger = MetricsLogger(run_dir, start_step=start_step, track=cfg.track,
                            config=cfg.model_dump(mode="json", by_alias=True)) if main else None
     fidelity_probe = None  # supervision fidelity decay on the current student's prefixes (opdlab.diagnostics)

@@ -58,7 +58,7 @@ def test_static_and_dynamic_kv_caches_sample_the_same_rollouts(student_model, to
         for kv_cache in ("static", "dynamic"):
             out[kv_cache] = sample(student_model, tokenizer, problems, max_new_tokens=40, temperature=temperature,
                                    top_p=top_p, generator=row_generators([1, 2, 3, 4, 5, 6], torch.device("cpu")),
-                                   kv_cache=kv_cache)
+                                   kv_cache=kv_cache, decoder="hf")
         static, dynamic = out["static"], out["dynamic"]
         assert torch.equal(static.completion_ids_B_T, dynamic.completion_ids_B_T)
         assert torch.equal(static.completion_mask_B_T, dynamic.completion_mask_B_T)
@@ -114,7 +114,8 @@ def test_packed_linears_sample_what_autocast_samples(student_model, tokenizer):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert use_packing(packed, torch.device("cpu")) == (packed == "auto")
             out[packed] = sample(student_model, tokenizer, problems, max_new_tokens=30, temperature=1.0,
-                                 generator=row_generators([1, 2, 3, 4, 5, 6], torch.device("cpu")), packed=packed)
+                                 generator=row_generators([1, 2, 3, 4, 5, 6], torch.device("cpu")), packed=packed,
+                                 decoder="hf")
     assert torch.equal(out["auto"].completion_ids_B_T, out["off"].completion_ids_B_T)
     torch.testing.assert_close(out["auto"].logp_old_B_T, out["off"].logp_old_B_T, rtol=0, atol=1e-2)
     assert not any("forward" in vars(m) for m in student_model.modules())

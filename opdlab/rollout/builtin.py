@@ -9,12 +9,15 @@ same `Rollouts` shape, with log pi_old = the student's own log-probs of those to
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
 from opdlab.models.logprobs import student_forward
 from opdlab.models.prompts import encode_prompts, position_ids, render_prompt, stop_token_ids
+from opdlab.rollout.lean import LeanDecoder
 from opdlab.rollout.packed import packed_linears, use_packing
 from opdlab.types import Problem, Rollouts
 
@@ -30,7 +33,8 @@ def top_p_filter(logits_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits_B_V.masked_fill(drop, float("-inf"))
 
 
-def draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+def draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None,
+         rows_B: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
     """One token per row by inverse-CDF sampling: u ~ U[0, 1) per row, the token is the first whose cumulative
     probability exceeds u x the row's total. A token of probability 0 is never drawn.
 
@@ -38,15 +42,21 @@ def draw(probs_B_V: torch.Tensor, generator: torch.Generator | list[torch.Genera
     variate per vocabulary entry: at a 49k vocabulary that is most of a small model's decoding step on a CPU.
     With a list of generators, row i draws its u from generator i alone, so its token does not depend on which
     other rows share the batch (how a multi-process run matches a single-process one). The cumulative sum is
-    taken in float64 so that rounding over a 150k vocabulary moves no visible mass between tokens."""
+    taken in float64 so that rounding over a 150k vocabulary moves no visible mass between tokens.
+
+    `rows_B` (with `total`): these probabilities are rows `rows_B` of a batch of `total` rows, the others finished.
+    Each row draws the number it would draw in the whole batch (one generator draws `total` numbers), so dropping
+    finished rows from decoding changes no row's token."""
     B = probs_B_V.shape[0]
+    total = B if rows_B is None else total
     if isinstance(generator, list):
-        if len(generator) != B:
-            raise ValueError(f"sample(): {len(generator)} generators for {B} rows; pass one per row")
-        u_B = torch.cat([torch.rand(1, generator=g, device=probs_B_V.device, dtype=torch.float64)
-                         for g in generator])
+        if len(generator) != total:
+            raise ValueError(f"sample(): {len(generator)} generators for {total} rows; pass one per row")
+        own = generator if rows_B is None else [generator[i] for i in rows_B.tolist()]
+        u_B = torch.cat([torch.rand(1, generator=g, device=probs_B_V.device, dtype=torch.float64) for g in own])
     else:
-        u_B = torch.rand(B, generator=generator, device=probs_B_V.device, dtype=torch.float64)
+        u_B = torch.rand(total, generator=generator, device=probs_B_V.device, dtype=torch.float64)
+        u_B = u_B if rows_B is None else u_B[rows_B]
     cdf_B_V = probs_B_V.to(torch.float64).cumsum(-1)
     tok_B = torch.searchsorted(cdf_B_V, (u_B * cdf_B_V[:, -1])[:, None], right=True).squeeze(-1)
     return tok_B.clamp_(max=probs_B_V.shape[-1] - 1)
@@ -69,7 +79,7 @@ class _StaticCache(StaticCache):
 def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
            vocab_size: int | None = None, prompts: list[str] | None = None,
-           kv_cache: str = "static", packed: str = "auto") -> Rollouts:
+           kv_cache: str = "static", packed: str = "auto", decoder: str = "auto") -> Rollouts:
     """One completion per problem (repeat problems for several samples). Greedy when temperature == 0.
 
     `kv_cache="static"` decodes into a cache allocated once for prompt + `max_new_tokens` positions
@@ -80,6 +90,11 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
 
     `packed="auto"`: under bf16 autocast on a CPU, decoding steps run every Linear on a bf16 copy of its weight
     reordered once for oneDNN (`opdlab.rollout.packed`); "off" leaves the products to autocast.
+
+    `decoder="auto"` runs the prefill and the decoding steps of a Llama-family model (Llama, Mistral, Qwen2, Qwen3,
+    LoRA or not) with opdlab's lean step (`opdlab.rollout.lean`: fused products, weights cast and packed once, fewer
+    operators; the same computation, so in fp32 the same tokens), and any other model with transformers' forward;
+    "hf" always uses transformers' forward (and then `kv_cache` and `packed` apply).
 
     `generator` may be a list with one generator per problem: each row then draws only from its own, so its tokens
     do not depend on which other rows share the batch (how a multi-process run matches a single-process one)."""
@@ -99,39 +114,62 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
     mask_B_L[:, :P] = prompt_mask
     if kv_cache not in ("static", "dynamic"):
         raise ValueError(f"sample(): kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
-    cache = None  # the model's default (dynamic) cache
-    if kv_cache == "static" and getattr(model, "_can_compile_fullgraph", False):  # the architectures transformers
-        cache = _StaticCache(config=model.config, max_cache_len=P + max_new_tokens)  # runs with a StaticCache
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    if decoder not in ("auto", "hf"):
+        raise ValueError(f"sample(): decoder must be 'auto' or 'hf', got {decoder!r}")
+    pack = use_packing(packed, device)  # validates `packed` whichever decoder runs
+    lean = LeanDecoder.build(model, B, P + max_new_tokens) if decoder == "auto" else None
+    if lean is not None:
+        next_logits = lean.prefill(prompt_ids, prompt_mask, position_ids(prompt_mask))
+        step_context = nullcontext()
+    else:
+        cache = None  # the model's default (dynamic) cache
+        if kv_cache == "static" and getattr(model, "_can_compile_fullgraph", False):  # the architectures
+            cache = _StaticCache(config=model.config, max_cache_len=P + max_new_tokens)  # transformers runs so
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, next_logits = out.past_key_values, out.logits[:, -1]
+        step_context = packed_linears(model, B, enabled=pack)  # decoding steps only
     next_pos_B_1 = position_ids(prompt_mask)[:, -1:] + 1
     alive_B = torch.ones(B, dtype=torch.bool, device=device)
+    # The rows still decoded (R of the B): the lean decoder drops finished rows from its batch once a quarter of
+    # it has finished; transformers' forward keeps decoding every row.
+    rows_R = torch.arange(B, device=device)
     tokens, logp_old, logp_sampler, alive_steps = [], [], [], []
-    with packed_linears(model, B, enabled=use_packing(packed, device)):  # decoding steps only
+    with step_context:
         for t in range(max_new_tokens):
-            logits_B_V = out.logits[:, -1, :V].float()
-            logp_B_V = F.log_softmax(logits_B_V, dim=-1)
+            logits_R_V = next_logits[:, :V].float()
+            logp_R_V = F.log_softmax(logits_R_V, dim=-1)
             if temperature == 0:
-                tok_B = logits_B_V.argmax(-1)
-                sampler_logp_B_V = logp_B_V
+                tok_R = logits_R_V.argmax(-1)
+                sampler_logp_R_V = logp_R_V
             else:  # at temperature 1 without truncation the sampled distribution is the policy itself
                 plain = temperature == 1 and (top_p is None or top_p >= 1)
-                sampler_logp_B_V = logp_B_V if plain else F.log_softmax(
-                    top_p_filter(logits_B_V / temperature, top_p), dim=-1)
-                tok_B = draw(sampler_logp_B_V.exp(), generator)
-            tok_B = torch.where(alive_B, tok_B, torch.full_like(tok_B, pad))
+                sampler_logp_R_V = logp_R_V if plain else F.log_softmax(
+                    top_p_filter(logits_R_V / temperature, top_p), dim=-1)
+                tok_R = draw(sampler_logp_R_V.exp(), generator, rows_R, B)
+            tok_R = torch.where(alive_B[rows_R], tok_R, torch.full_like(tok_R, pad))
+            tok_B = torch.full((B,), pad, dtype=tok_R.dtype, device=device).index_copy_(0, rows_R, tok_R)
             tokens.append(tok_B)
-            logp_old.append(logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))
-            logp_sampler.append(sampler_logp_B_V.gather(-1, tok_B[:, None]).squeeze(-1))
+            logp_old.append(torch.zeros(B, device=device).index_copy_(
+                0, rows_R, logp_R_V.gather(-1, tok_R[:, None]).squeeze(-1)))
+            logp_sampler.append(torch.zeros(B, device=device).index_copy_(
+                0, rows_R, sampler_logp_R_V.gather(-1, tok_R[:, None]).squeeze(-1)))
             alive_steps.append(alive_B)
             alive_B = alive_B & ~torch.isin(tok_B, stops)
             if not alive_B.any():
                 break
             mask_B_L[:, P + t] = alive_B
-            out = model(input_ids=tok_B[:, None], attention_mask=mask_B_L[:, :P + t + 1], position_ids=next_pos_B_1,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            if lean is not None:
+                keep_R = alive_B[rows_R]
+                if 4 * int((~keep_R).sum()) >= len(rows_R):  # a quarter of the decoded rows finished: drop them
+                    keep_N = keep_R.nonzero().squeeze(-1)
+                    lean.keep_rows(keep_N)
+                    rows_R, tok_R = rows_R[keep_N], tok_R[keep_N]
+                next_logits = lean.decode(tok_R, next_pos_B_1[rows_R], mask_B_L[rows_R, :P + t + 1])
+            else:
+                out = model(input_ids=tok_B[:, None], attention_mask=mask_B_L[:, :P + t + 1],
+                            position_ids=next_pos_B_1, past_key_values=cache, use_cache=True)
+                cache, next_logits = out.past_key_values, out.logits[:, -1]
             next_pos_B_1 = next_pos_B_1 + 1
     model.train(was_training)
 

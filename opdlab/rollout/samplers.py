@@ -36,7 +36,8 @@ class BuiltinSampler:
         return sample(self.model, self.tokenizer, problems, max_new_tokens=self.cfg.max_new_tokens,
                       temperature=self.cfg.temperature, top_p=self.cfg.top_p,
                       generator=row_generators(seeds, device), vocab_size=self.vocab_size,
-                      kv_cache=self.cfg.kv_cache, packed=self.cfg.packed_linears)
+                      kv_cache=self.cfg.kv_cache, packed=self.cfg.packed_linears,
+                      decoder=self.cfg.decoder)
 
     def push_weights(self, model: torch.nn.Module) -> None:
         pass
