@@ -177,7 +177,8 @@ def test_gradient_checkpointing_keeps_the_update_and_the_kv_cache(model_dirs, tm
             return real_call(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.nn.Module, "__call__", recording_call)
-        train(make_cfg(model_dirs, tmp_path / name, "train.steps=2", *extra), progress=False)
+        # sampling through transformers' forward (rollout.decoder=hf), whose cache use is what is checked
+        train(make_cfg(model_dirs, tmp_path / name, "train.steps=2", "rollout.decoder=hf", *extra), progress=False)
         monkeypatch.undo()
         return lengths, layer_calls[0]
 
