@@ -10,9 +10,10 @@ and without prepacked products), side by side in one run.
 bf16-mixed), EOS suppressed so every row is `--new-tokens` long (or, with `--keep-eos`, rows ending at EOS as in
 training and evaluation, where the lean decoder drops finished rows from its batch), the variants alternating repeat
 by repeat (a busy CPU slows all alike), best of the repeats. Printed per variant: seconds, completion tokens and
-tokens/s, decoding steps and ms a step (prefill included), the step against the weight-bandwidth bound (every weight read once a step, at the read bandwidth measured here), how many
-of its tokens equal the `hf` variant's, and the error of its log-probs of the sampled tokens against an fp32 forward
-of the same tokens (what the bf16 products cost in accuracy, for each variant alike).
+tokens/s, decoding steps and ms a step (prefill included), the step against the weight-bandwidth bound (every
+weight read once a step, at the read bandwidth measured here), how many of its tokens equal the prepacked `hf`
+variant's, and the error of its log-probs of the sampled tokens against an fp32 forward of the same tokens (what
+the bf16 products cost in accuracy, for each variant alike).
 """
 from __future__ import annotations
 

@@ -156,13 +156,13 @@ def sample(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, te
                 0, rows_R, sampler_logp_R_V.gather(-1, tok_R[:, None]).squeeze(-1)))
             alive_steps.append(alive_B)
             alive_B = alive_B & ~torch.isin(tok_B, stops)
-            if not alive_B.any():
+            live = int(alive_B.sum())  # the step's one host sync (every row outside rows_R has finished)
+            if live == 0:
                 break
             mask_B_L[:, P + t] = alive_B
             if lean is not None:
-                keep_R = alive_B[rows_R]
-                if 4 * int((~keep_R).sum()) >= len(rows_R):  # a quarter of the decoded rows finished: drop them
-                    keep_N = keep_R.nonzero().squeeze(-1)
+                if 4 * (len(rows_R) - live) >= len(rows_R):  # a quarter of the decoded rows finished: drop them
+                    keep_N = alive_B[rows_R].nonzero().squeeze(-1)
                     lean.keep_rows(keep_N)
                     rows_R, tok_R = rows_R[keep_N], tok_R[keep_N]
                 next_logits = lean.decode(tok_R, next_pos_B_1[rows_R], mask_B_L[rows_R, :P + t + 1])

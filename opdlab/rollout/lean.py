@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and the Qwens' are the same
 
 from opdlab.rollout.packed import packing_supported
 
@@ -119,11 +120,6 @@ class _Product:
             return F.linear(x, self.weight, self.bias)
         y_2d = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
         return y_2d.reshape(*x.shape[:-1], self.out_features)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class LeanDecoder:
@@ -217,7 +213,7 @@ class LeanDecoder:
                 q_B_T_H_D = self._norm(q_B_T_H_D, layer["q_norm"])
                 k_B_T_K_D = self._norm(k_B_T_K_D, layer["k_norm"])
             qk_B_T_G_D = torch.cat((q_B_T_H_D, k_B_T_K_D), dim=2)
-            qk_B_T_G_D = qk_B_T_G_D * cos_B_T_1_D + _rotate_half(qk_B_T_G_D) * sin_B_T_1_D
+            qk_B_T_G_D = qk_B_T_G_D * cos_B_T_1_D + rotate_half(qk_B_T_G_D) * sin_B_T_1_D
             qk_B_G_T_D = qk_B_T_G_D.transpose(1, 2).to(self.attn_dtype)
             self.k_cache[i, :B, :, start:S] = qk_B_G_T_D[:, H:]
             self.v_cache[i, :B, :, start:S] = v_B_T_K_D.transpose(1, 2)
