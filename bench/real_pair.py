@@ -2,7 +2,7 @@
 machine's measured peak.
 
     pip install --no-deps -r requirements-bench.txt   # TRL, pinned
-    opdlab prepare --pair smollm2                      # the pair (cached; ~25 min once)
+    opdlab prepare --pair smollm2                      # the pair (cached; ~30 min once)
     python bench/real_pair.py              # full: 8 prompts x 192 new tokens, 3 steps a run, 2 runs a side
     python bench/real_pair.py --quick      # smoke: 4 x 32, 2 steps, 1 run a side
     python bench/real_pair.py --out bench/results/real_pair.json
@@ -16,7 +16,7 @@ Sides, run interleaved in one process (the order rotates every round, so load fr
 
 Every side trains the same objective: KL(student || teacher) over the whole vocabulary at each completion token
 (opdlab's `jsd` with beta = 1), on the same prompts in the same order (the words arithmetic task's training
-stream), the same student and teacher (`builtin:smollm2-student`, 20 layers, and `builtin:smollm2-teacher`, 30),
+stream), the same student and teacher (`builtin:smollm2-student`, 24 layers, and `builtin:smollm2-teacher`, 30),
 batch, completion length (EOS suppressed, so every completion is full length), temperature 1, AdamW at the same
 lr, constant schedule, gradient clipping 1.0. TRL runs in its own precision defaults, which work on this CPU: both
 configs default to `bf16=True` (autocast bf16 through accelerate, fp32 weights), with gradient checkpointing off
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per run, the first unmeasured (default 3)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved runs per side (default 2, quick 1)")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate of every side")
+    parser.add_argument("--packing", choices=["on", "off"], default="on", help=(
+        "opdlab's scoring.packing (default on, as the SmolLM2 demo runs): the teacher's and the student's forwards "
+        "over the rollouts compute the real tokens only, without the prompts' padding"))
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of: " + ", ".join(SIDES))
     parser.add_argument("--out", default=None, help="write the numbers as JSON here (e.g. "
                                                     "bench/results/real_pair.json)")
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     from opdlab.models.loading import builtin_dir
 
     if not all(is_prepared(r) for r in SMOLLM2.models):
-        sys.exit("the SmolLM2 pair is not prepared here: run `opdlab prepare --pair smollm2` first (~25 min)")
+        sys.exit("the SmolLM2 pair is not prepared here: run `opdlab prepare --pair smollm2` first "
+                 "(~30 min on 2 cores)")
     args.batch = args.batch or (4 if args.quick else 8)
     args.new_tokens = args.new_tokens or (32 if args.quick else 192)
     args.steps = args.steps or (2 if args.quick else 3)
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     args.trl_gradient_checkpointing, args.trl_bf16 = False, True
     # the pair's own task (opdlab.experiments.pairs.WORDS_TASK): worked solutions told as stories
     args.extra_overrides = ["task.arithmetic.style=words", "task.arithmetic.min_steps=3",
-                            "task.arithmetic.max_steps=8", "task.arithmetic.max_value=50"]
+                            "task.arithmetic.max_steps=8", "task.arithmetic.max_value=50",
+                            f"scoring.packing={str(args.packing == 'on').lower()}"]
     dirs = {"student": builtin_dir("smollm2-student"), "teacher": builtin_dir("smollm2-teacher")}
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
@@ -345,6 +350,7 @@ def write_json(path: Path, args, check, summary, flops, peak, bandwidth, shapes,
         "loss_check": {k: check[k] for k in ("opdlab", "trl_mean", "distillation", "grad_rel_diff")},
         "setup": {"batch": args.batch, "new_tokens": args.new_tokens, "prompt_len": P, "steps": args.steps,
                   "repeats": args.repeats, "quick": args.quick, "threads": torch.get_num_threads(),
+                  "opdlab_scoring_packing": args.packing == "on",
                   "load_before": load_before, "load_after": os.getloadavg()[0], "torch": torch.__version__},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,22 @@
-"""One SFT step of `opdlab prepare --pair smollm2`'s recipe, packed (`packing: true`: several examples a row, the
-output layer only where a label is) against one right-padded row per example with the model's own loss, side by
-side in one run.
+"""One SFT step of `opdlab prepare --pair smollm2`'s recipe against one right-padded row per example, side by side
+in one run:
+
+    padded        one right-padded row per example, the model's own loss, AdamW (`packing: false`)
+    packed        the examples end to end without padding, each attending to itself only (one row with sequence
+                  bounds: `opdlab.models.packing.segments_hidden`), the output layer only where a label is and
+                  without (positions, vocabulary) logits (`linear_cross_entropy`), AdamW (`packing: true`)
+    packed+fused  as packed, with PyTorch's fused AdamW (`fused_optimizer: true`): the pair's recipes
 
     python bench/sft_step.py                 # SmolLM2-135M-Instruct, the teacher recipe's batch (16), 4 batches
     python bench/sft_step.py --quick         # batch 4, 2 batches
     python bench/sft_step.py --model PATH --batch 16 --batches 4 --precision bf16-mixed
 
-Each batch is run by both variants in turn (the order alternating, so a busy CPU slows both alike), one optimizer
-step each from the same weights (restored in between), after one unmeasured warm-up step. Printed per variant: the
-tokens the forward computes (rows x row length), the mean step time, the ratio, and the achieved FLOP/s of the
-useful work (6 x the linear parameters x the real tokens, plus the output layer at the labelled positions) against
-this machine's peak for the dtype, measured with a matmul of the model's shapes. The loss of the two variants is
-printed for the same batch: it is the same quantity.
+Each batch is run by every variant in turn (the order reversed every other batch, so a busy CPU slows all alike),
+one optimizer step each from the same weights (restored in between), after one unmeasured warm-up step each.
+Printed per variant: the tokens the forward computes, the mean step time, the ratio to padded, and the achieved
+FLOP/s of the useful work (6 x the linear parameters x the real tokens, plus the output layer at the labelled
+positions) against this machine's peak for the dtype, measured with a matmul of the model's shapes. The variants'
+losses on the same batch are the same quantity (they differ by rounding).
 """
 from __future__ import annotations
 
@@ -64,17 +69,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(variant: str, problems) -> tuple[float, float, int]:
         model.load_state_dict(start)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=variant == "packed+fused" or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        if variant == "packed":
-            ids, mask, labels, pos = packed_sft_batch(tok, task, problems, device, next(model.parameters()).dtype)
-        else:
-            (ids, mask, labels), pos = sft_batch(tok, task, problems, device), None
+        batch = (sft_batch if variant == "padded" else packed_sft_batch)(tok, task, problems, device)
+        computed = batch[0].numel() if variant == "padded" else batch.input_ids_N.numel()
         t0 = time.perf_counter()
-        loss = sft_step(model, opt, sched, ids, mask, labels, precision=precision, position_ids=pos)
-        return time.perf_counter() - t0, loss.item(), ids.numel()
+        loss = sft_step(model, opt, sched, batch, precision=precision)
+        return time.perf_counter() - t0, loss.item(), computed
 
-    variants = ("padded", "packed")
+    variants = ("padded", "packed", "packed+fused")
     for v in variants:
         step(v, batches[0])
     times = {v: [] for v in variants}
@@ -98,14 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     useful = statistics.mean(useful_flops)
     print(f"\nSFT step, {batch} examples, precision {precision}, {n_batches} batches; peak {dtype} "
           f"{peak[dtype] / 1e9:.0f} GFLOP/s (a matmul of the model's shapes)")
-    print(f"{'variant':<8} {'tokens computed':>16} {'s/step':>8} {'useful GFLOP/s':>15} {'of peak':>8}")
+    print(f"{'variant':<13} {'tokens computed':>16} {'s/step':>8} {'vs padded':>10} {'useful GFLOP/s':>15} "
+          f"{'of peak':>8}")
+    padded = statistics.mean(times["padded"])
     for v in variants:
         t = statistics.mean(times[v])
-        print(f"{v:<8} {computed[v] / n_batches:>16.0f} {t:>8.2f} {useful / t / 1e9:>15.0f} "
+        print(f"{v:<13} {computed[v] / n_batches:>16.0f} {t:>8.2f} {padded / t:>9.2f}x {useful / t / 1e9:>15.0f} "
               f"{100 * useful / t / peak[dtype]:>7.0f}%")
-    print(f"packed is {statistics.mean(times['padded']) / statistics.mean(times['packed']):.2f}x the padded step; "
-          f"largest loss difference {max(abs(a - b) for a, b in zip(losses['padded'], losses['packed'])):.2e}")
-
+    print("largest loss difference from padded: " + ", ".join(
+        f"{v} {max(abs(a - b) for a, b in zip(losses['padded'], losses[v])):.2e}" for v in variants[1:]))
 
 if __name__ == "__main__":
     main()

@@ -202,10 +202,11 @@ class TeacherScoringConfig(_Section):
         "Positions per chunk when turning hidden states into log-probs (teacher scoring, the student's forward and "
         "the objectives' own logits): bounds peak memory at chunk_size x vocabulary fp32 values per model."))
     packing: bool = Field(False, description=(
-        "Run the teacher's scoring forward and the student's loss forward on the rollouts' real tokens packed "
-        "several to a row (block-diagonal causal mask, positions restarting per rollout; opdlab.models.packing) "
-        "instead of the padded (prompts + completions) layout: the same hidden states up to rounding, with no "
-        "padding computed. Off keeps the padded layout. The lookahead objective's teacher passes (tree attention) keep "
+        "Run the teacher's scoring forward and the student's loss forward on the rollouts' real tokens only, each "
+        "rollout attending to itself with its positions restarting (opdlab.models.packing: one row with sequence "
+        "bounds under SDPA attention, first-fit rows under a block-diagonal mask otherwise), instead of the padded "
+        "(prompts + completions) layout: the same hidden states up to rounding, with no padding computed. Off "
+        "keeps the padded layout. The lookahead objective's teacher passes (tree attention) keep "
         "their own layout."))
 
 

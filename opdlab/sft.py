@@ -12,19 +12,18 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from opdlab.config import THREADS_DOC, ModelConfig, TaskConfig, _Section, save_config
 from opdlab.models.loading import build_char_tokenizer, init_builtin_model, load_model
-from opdlab.models.logprobs import chunk_logits, softcap_of
-from opdlab.models.packing import block_causal_mask, first_fit
+from opdlab.models.logprobs import linear_cross_entropy, softcap_of
+from opdlab.models.packing import segments_hidden
 from opdlab.models.prompts import render_prompt
 from opdlab.runtime import autocast, make_scheduler, resolve_device, resolve_precision, seed_everything, threads_pinned
 from opdlab.tasks import make_task
@@ -53,13 +52,18 @@ class SFTConfig(_Section):
     precision: Literal["auto", "fp32", "bf16-mixed"] = Field("auto", description=(
         "As train.precision: 'bf16-mixed' runs the forward under bf16 autocast with fp32 master weights; "
         "'auto' picks it where bf16 is fast."))
+    fused_optimizer: bool = Field(False, description=(
+        "Step with PyTorch's fused AdamW kernel (`fused=True`, CPU or CUDA): one pass over each parameter instead "
+        "of a chain of elementwise operators, the same update up to rounding (1-5 % faster an SFT step of "
+        "SmolLM2-135M on a 2-core CPU, bench/sft_step.py). Off by default so that the built-in models stay the ones "
+        "the demo was measured on."))
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
     threads: int | None = Field(None, ge=1, description=THREADS_DOC)
     packing: bool = Field(False, description=(
-        "Pack several examples into each row (`packed_sft_batch`: a block-diagonal causal mask, positions restarting "
-        "per example, so each example's loss is what it is alone) and run the output layer only where a label is: "
-        "fewer padding and prompt positions computed, the same loss. Off: one right-padded row per example and the "
-        "model's own loss."))
+        "Compute the examples without padding (`packed_sft_batch`: laid end to end, each attending to itself only "
+        "with its positions restarting, so each example's loss is what it is alone) and run the output layer only "
+        "where a label is, without holding (positions, vocabulary) logits: fewer positions computed, the same loss. "
+        "Off: one right-padded row per example and the model's own loss."))
 
 
 def sft_rows(tokenizer, task, problems, questions: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
@@ -87,70 +91,51 @@ def sft_batch(tokenizer, task, problems, device, questions: list[str] | None = N
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def packed_sft_batch(tokenizer, task, problems, device, dtype: torch.dtype = torch.float32,
-                     questions: list[str] | None = None, row_len: int | None = None):
-    """The examples of `sft_batch` packed several to a row: (input_ids_R_L, mask_R_1_L_L, labels_R_L,
-    position_ids_R_L). Rows are `row_len` long (default and at least: the longest example's length; first-fit,
-    longest first), so by default no row is longer than `sft_batch`'s, and where short examples share a row fewer
-    padding tokens are computed. The 4-D additive mask (in `dtype`, the model's) lets
-    each token see the earlier tokens of its own example only, and positions restart at 0 for every example, so each
-    example's logits are those it has alone in a row; a padding position sees only itself. Labels at an example's
-    first token are -100 (its prompt), so no example is trained to follow the one before it."""
+@dataclass(frozen=True)
+class PackedBatch:
+    """SFT examples laid end to end: `input_ids_N` and `labels_N` (-100 on the prompts) of all examples in turn,
+    and each example's length. See `packed_sft_batch`."""
+
+    input_ids_N: torch.Tensor
+    labels_N: torch.Tensor
+    lengths: tuple[int, ...]
+
+
+def packed_sft_batch(tokenizer, task, problems, device, questions: list[str] | None = None) -> PackedBatch:
+    """The examples of `sft_batch` without padding, for `sft_loss`: laid end to end, each computed as if alone
+    (`opdlab.models.packing.segments_hidden`). An example's first token is a prompt token (label -100), so no
+    example is trained to follow the one before it. `questions` as in `sft_rows`."""
     rows = sft_rows(tokenizer, task, problems, questions)
-    L = max([len(ids) for ids, _ in rows] + [row_len or 0])
-    bins = first_fit([len(ids) for ids, _ in rows], L)
-    R = len(bins)
-    ids = torch.full((R, L), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((R, L), -100, dtype=torch.long)
-    pos = torch.zeros((R, L), dtype=torch.long)
-    segment = torch.arange(R * L, dtype=torch.long).view(R, L).neg_().sub_(1)  # padding: a segment of its own
-    for r, members in enumerate(bins):
-        at = 0
-        for k, i in enumerate(sorted(members)):  # in stream order within the row
-            x, y = rows[i]
-            ids[r, at:at + len(x)], labels[r, at:at + len(y)] = torch.tensor(x), torch.tensor(y)
-            pos[r, at:at + len(x)] = torch.arange(len(x))
-            segment[r, at:at + len(x)] = k
-            at += len(x)
-    mask = block_causal_mask(segment, dtype)
-    return ids.to(device), mask.to(device), labels.to(device), pos.to(device)
+    ids = torch.tensor([t for x, _ in rows for t in x], dtype=torch.long)
+    labels = torch.tensor([t for _, y in rows for t in y], dtype=torch.long)
+    return PackedBatch(ids.to(device), labels.to(device), tuple(len(x) for x, _ in rows))
 
 
-def sft_loss(model, ids_R_L, mask, labels_R_L, position_ids_R_L=None, chunk_size: int = 4096) -> torch.Tensor:
-    """Mean cross-entropy of the labelled next tokens (labels shifted by one, as transformers' causal-LM loss),
-    with the output layer run only at the positions that predict a label: on worked solutions that is about half of
-    them, and no (rows, length, vocab) logit tensor is made. `mask` is `sft_batch`'s (rows, length) padding mask or
-    `packed_sft_batch`'s 4-D mask. With more than `chunk_size` such positions, each chunk of them is recomputed in
-    the backward pass, so at most one chunk's logits are held."""
-    out = model.get_decoder()(input_ids=ids_R_L, attention_mask=mask, position_ids=position_ids_R_L, use_cache=False)
-    targets_R_L = labels_R_L[:, 1:]
-    at_R_L = targets_R_L != -100
-    hidden_N_H, targets_N = out.last_hidden_state[:, :-1][at_R_L], targets_R_L[at_R_L]
+def sft_loss(model, batch: PackedBatch, chunk_size: int = 128) -> torch.Tensor:
+    """Mean cross-entropy of the labelled next tokens of a packed batch (labels shifted by one, as transformers'
+    causal-LM loss). The decoder runs on the real tokens only, and the output layer only at the positions that
+    predict a label (about half of them on worked solutions), `chunk_size` positions at a time, without ever
+    holding (positions, vocabulary) logits (`opdlab.models.logprobs.linear_cross_entropy`)."""
+    hidden_N_H = segments_hidden(model, batch.input_ids_N, list(batch.lengths))
+    targets_N = batch.labels_N[1:]
+    at_N = targets_N != -100
     head = model.get_output_embeddings()
-    vocab, softcap = head.weight.shape[0], softcap_of(model)
-
-    def chunk_loss(h_C_H, y_C):
-        return F.cross_entropy(chunk_logits(h_C_H, head, vocab, softcap), y_C, reduction="sum")
-
-    total = hidden_N_H.new_zeros((), dtype=torch.float32)
-    several = len(targets_N) > chunk_size and torch.is_grad_enabled()
-    for start in range(0, len(targets_N), chunk_size):
-        args = (hidden_N_H[start:start + chunk_size], targets_N[start:start + chunk_size])
-        total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if several else chunk_loss(*args))
-    return total / max(len(targets_N), 1)
+    total = linear_cross_entropy(hidden_N_H[:-1][at_N], head, targets_N[at_N], head.weight.shape[0],
+                                 softcap_of(model), chunk_size=chunk_size)
+    return total / max(int(at_N.sum()), 1)
 
 
-def sft_step(model, optimizer, scheduler, ids, mask, labels, precision: str = "fp32",
-             position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """One optimizer step on a batch from `sft_batch` or (with its `position_ids`) `packed_sft_batch` (gradient
-    norm clipped to 1); returns the loss. A packed batch's loss is `sft_loss`; an unpacked one's is the model's own
+def sft_step(model, optimizer, scheduler, batch, precision: str = "fp32") -> torch.Tensor:
+    """One optimizer step (gradient norm clipped to 1); returns the loss. `batch` is `packed_sft_batch`'s, whose
+    loss is `sft_loss`, or `sft_batch`'s (input_ids, attention_mask, labels), whose loss is the model's own
     causal-LM loss, as the built-in models were made with. The forward runs under `precision`'s autocast, the
     backward outside it."""
-    with autocast(precision, ids.device):
-        if position_ids is None:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with autocast(precision, next(model.parameters()).device):
+        if isinstance(batch, PackedBatch):
+            loss = sft_loss(model, batch)
         else:
-            loss = sft_loss(model, ids, mask, labels, position_ids)
+            ids, mask, labels = batch
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -177,7 +162,8 @@ def _run_sft(cfg: SFTConfig, progress: bool, log_every: int) -> Path:
     model.train()
     task = make_task(cfg.task)
     stream = ProblemStream(task.problems("train"), seed=cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=cfg.fused_optimizer or None)
     scheduler = make_scheduler(optimizer, cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -186,12 +172,8 @@ def _run_sft(cfg: SFTConfig, progress: bool, log_every: int) -> Path:
     t0 = time.perf_counter()
     for step in bar:
         problems = stream.take(cfg.batch_size)
-        if cfg.packing:
-            ids, mask, labels, pos = packed_sft_batch(tokenizer, task, problems, device, next(model.parameters()).dtype)
-            loss = sft_step(model, optimizer, scheduler, ids, mask, labels, precision=precision, position_ids=pos)
-        else:
-            loss = sft_step(model, optimizer, scheduler, *sft_batch(tokenizer, task, problems, device),
-                            precision=precision)
+        batch = (packed_sft_batch if cfg.packing else sft_batch)(tokenizer, task, problems, device)
+        loss = sft_step(model, optimizer, scheduler, batch, precision=precision)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             log.append({"step": step + 1, "sft/loss": loss.item(), "time_s": time.perf_counter() - t0})

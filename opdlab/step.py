@@ -277,8 +277,9 @@ def batch_counts(rollouts: Rollouts, rewards: list[float], scores: TeacherScores
         groups = {"reward_groups": r_G_N.shape[0], "reward_group_std": r_G_N.std(-1).sum().item(),
                   "reward_flat_groups": (r_G_N == r_G_N[:, :1]).all(-1).sum().item()}
     return {**groups, "rows": len(rollouts.problems), "reward": sum(rewards), "tokens": rollouts.num_tokens,
-            "loss_tokens": rollouts.num_loss_tokens, "teacher_entropy": scores.entropy_B_T[mask_B_T].sum().item(),
-            "teacher_maxp": scores.maxp_B_T[mask_B_T].sum().item()}
+            "loss_tokens": rollouts.num_loss_tokens,
+            "teacher_entropy": scores.entropy_B_T[mask_B_T].double().sum().item(),
+            "teacher_maxp": scores.maxp_B_T[mask_B_T].double().sum().item()}
 
 
 def evaluate_and_probe(run: Run, step: int) -> dict[str, float]:

@@ -296,6 +296,25 @@ def test_full_vocab_objectives_supply_the_teacher_stats_score_leaves_pending(tok
                                    rtol=0, atol=2e-5)
 
 
+def test_positions_left_pending_are_fp32_with_a_bf16_teacher(tokenizer, rollouts):
+    """With every position left to the objective, `score` makes no logits; the statistics it leaves to be filled
+    are fp32 even when the teacher is stored in bf16, so the objective's fp32 statistics are written in unrounded.
+    (They were bf16, and a batch's sum of ~1000 max-probabilities near 1, rounded to bf16's spacing of 8 there,
+    made the SmolLM2 demo's logged teacher/maxp read 1.0019.)"""
+    V = len(tokenizer)
+    teacher = tiny_llama(tokenizer, 4, **TEACHER_SIZE).to(torch.bfloat16)
+    comp_B_T = rollouts.completion_mask_B_T.bool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pending = score(teacher, rollouts, V, keep_hidden=True, pending_B_T=rollouts.completion_mask_B_T)
+    assert pending.hidden_B_T_H.dtype == torch.bfloat16  # the case: the teacher's hidden states are bf16
+    stats = {"logp": torch.full((int(comp_B_T.sum()),), -1e-3), "entropy": torch.full((int(comp_B_T.sum()),), 0.01),
+             "maxp": torch.full((int(comp_B_T.sum()),), 0.999)}
+    pending.fill_pending(slice(0, len(rollouts.problems)), stats)
+    for name, field_name in (("logp", "logp_B_T"), ("entropy", "entropy_B_T"), ("maxp", "maxp_B_T")):
+        assert getattr(pending, field_name).dtype == torch.float32, field_name
+        torch.testing.assert_close(getattr(pending, field_name)[comp_B_T], stats[name], rtol=0, atol=0)
+
+
 def test_teacher_prompt_changes_scores(tokenizer, rollouts):
     """Guard for the test above: the teacher prompt really enters the scores."""
     V = len(tokenizer)

@@ -2,6 +2,7 @@
 solutions, measured here with a plain forward on hand-built inputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -43,27 +44,26 @@ def test_sft_batch_labels_only_the_response():
 
 
 
-def test_packed_batch_gives_each_example_its_own_loss_and_gradient():
-    """Packed rows (block-diagonal mask, positions restarting) against one unpadded forward per example: the same
-    mean NLL over all labelled tokens and the same gradient, in fp32 and under bf16 autocast's tolerance."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batch_gives_each_example_its_own_loss_and_gradient(attention):
+    """A packed batch (examples end to end, each attending to itself only: one row with sequence bounds under SDPA,
+    first-fit rows under a block-diagonal mask otherwise) against one unpadded forward per example: the same mean
+    NLL over all labelled tokens and the same gradient, in fp32 and under bf16 autocast's tolerance."""
     tok = build_char_tokenizer()
     task = make_task(TaskConfig(arithmetic={"min_steps": 1, "max_steps": 3, "max_value": 19}))
     problems = list(task.problems("train")[:9])
     model = init_builtin_model("student", tok, seed=5)
-    L = max(len(tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"])
-            + len(tok(task.target(p), add_special_tokens=False)["input_ids"]) + 1 for p in problems)
-    assert packed_sft_batch(tok, task, problems, "cpu")[0].shape[1] == L  # by default no row is longer
-    ids, mask, labels, pos = packed_sft_batch(tok, task, problems, "cpu", row_len=3 * L)
-    assert ids.shape == (3, 3 * L)  # (the char task's prompts are long: three to a row of 3 L)
-    assert (labels != -100).sum() == sum(len(tok(task.target(p), add_special_tokens=False)["input_ids"]) + 1
-                                         for p in problems)
-    loss = sft_loss(model, ids, mask, labels, pos)
+    model.set_attn_implementation(attention)
+    batch = packed_sft_batch(tok, task, problems, "cpu")
+    targets = [tok(task.target(p), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems]
+    assert batch.input_ids_N.shape == batch.labels_N.shape == (sum(batch.lengths),) and len(batch.lengths) == 9
+    assert (batch.labels_N != -100).sum() == sum(len(t) for t in targets)
+    loss = sft_loss(model, batch)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     # reference: every example alone, NLL summed by hand from full logits
     total, count = 0.0, 0
-    for p in problems:
+    for p, target in zip(problems, targets):
         prompt = tok(render_prompt(tok, p.question), add_special_tokens=False)["input_ids"]
-        target = tok(task.target(p), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         x = torch.tensor([prompt + target])
         logp = model(input_ids=x).logits[0, :-1].log_softmax(-1)
         total = total - logp[torch.arange(len(prompt) - 1, x.shape[1] - 1), torch.tensor(target)].sum()
@@ -73,14 +73,14 @@ def test_packed_batch_gives_each_example_its_own_loss_and_gradient():
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6), (loss.item(), ref.item())
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
-    # chunked (recomputed in the backward) equals one chunk
-    small = sft_loss(model, ids, mask, labels, pos, chunk_size=7)
+    # another chunking of the output layer: the same loss and gradient
+    small = sft_loss(model, batch, chunk_size=7)
     small_grads = torch.autograd.grad(small, list(model.parameters()))
     assert torch.allclose(small, loss, rtol=1e-6)
     for g, r in zip(small_grads, grads):
         assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = sft_loss(model, ids, mask, labels, pos)
+        mixed = sft_loss(model, batch)
     assert abs(mixed.item() - ref.item()) < 0.02 * ref.item()
 
 

@@ -87,19 +87,21 @@ BUILTIN = Pair("builtin", "built-in task", "demo.yaml", (
 # The SmolLM2 pair's recipes. The teacher is SmolLM2-135M-Instruct fine-tuned on worked solutions of the words task.
 # The student keeps 24 of the teacher's 30 layers and is repaired by 60 SFT steps on the same task, but, as the
 # character student, with half of its targets the shortcut "Answer: <the start value>" (`shortcut_frac`): it learns
-# the stories and a habit the teacher lacks (answer-only on 29-38 % of its responses; mean@4 17-23 % against the
-# teacher's 68-74 %, over the demo's evaluation seeds and builds). Students with fewer layers did not keep the
+# the stories and a habit the teacher lacks (answer-only on 29-38 % of its responses; mean@4 13-23 % against the
+# teacher's 68-77 %, over the demo's evaluation seeds and builds). Students with fewer layers did not keep the
 # arithmetic: 20 layers after 40 repair steps (SFT loss 0.25 against this one's 0.021) scored 3.9 %, 15 layers
-# 4.7 %, and no OPD run improved them (docs/results/smollm2-pair.md). Both SFT runs pack their batches and compute
-# the loss only where a label is (`packing`): the same loss, 1.28x faster a step (bench/sft_step.py).
+# 4.7 %, and no OPD run improved them (docs/results/smollm2-pair.md). Both SFT runs compute their examples without
+# padding and the loss only where a label is (`packing`), and step with the fused AdamW (`fused_optimizer`): the
+# same loss, faster a step (bench/sft_step.py; about 30 min for both models from an empty cache on 2 cores).
 SMOLLM2 = Pair("smollm2", "SmolLM2 pair, words task", "demo_smollm2.yaml", (
     ModelRecipe("smollm2-teacher", dict(task=TaskConfig(**WORDS_TASK), steps=80, batch_size=16, lr=1e-4,
                                         warmup_steps=4, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
-                                        seed=0, precision="auto", packing=True), base=smollm2_dir),
+                                        seed=0, precision="auto", packing=True, fused_optimizer=True),
+                base=smollm2_dir),
     ModelRecipe("smollm2-student", dict(task=TaskConfig(**{
         **WORDS_TASK, "arithmetic": {**WORDS_TASK["arithmetic"], "shortcut_frac": 0.5}}), steps=60, batch_size=16,
         lr=2e-4, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, seed=1, precision="auto",
-        packing=True),
+        packing=True, fused_optimizer=True),
         prune_from=("smollm2-teacher", 24)),
 ))
 

@@ -67,8 +67,8 @@ def warm_start_privileged_teacher(base: str, out: str | Path, task, cfg: Privile
     for _ in tqdm(range(steps), desc="privileged teacher", disable=not progress):
         problems = stream.take(batch_size)
         questions = [view_text(p, rng.choice(VIEWS), cfg) for p in problems]
-        sft_step(model, opt, sched, *sft_batch(tok, task, problems, next(model.parameters()).device,
-                                                questions=questions))
+        sft_step(model, opt, sched, sft_batch(tok, task, problems, next(model.parameters()).device,
+                                              questions=questions))
     out = Path(out)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -57,9 +57,10 @@ def token_stats(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, lm_head: torc
         args = (hidden_N_H[start:start + chunk_size], targets_N[start:start + chunk_size], lm_head, vocab_size,
                 softcap, top_k)
         parts.append(checkpoint(_stats_chunk, *args, use_reentrant=False) if grad else _stats_chunk(*args))
-    if not parts:
-        empty = hidden_N_H.new_zeros(0)
-        return empty, empty, empty, targets_N.new_zeros(0, top_k), hidden_N_H.new_zeros(0, top_k)
+    if not parts:  # fp32 as the chunks' statistics are (a bf16 hidden state must not make these bf16: an objective
+        # writes its fp32 statistics into them, `TeacherScores.fill_pending`)
+        empty = hidden_N_H.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty, targets_N.new_zeros(0, top_k), hidden_N_H.new_zeros(0, top_k, dtype=torch.float32)
     return tuple(torch.cat(p, dim=0) for p in zip(*parts))
 
 
@@ -99,3 +100,82 @@ def student_forward(model, rollouts, vocab_size: int, chunk_size: int = 1024, pa
         logp_B_T=scatter_back(logp_N, mask_B_T), entropy_B_T=scatter_back(ent_N, mask_B_T),
         hidden_B_T_H=hidden_B_T_H, lm_head=model.get_output_embeddings(), vocab_size=vocab_size,
         softcap=softcap_of(model), chunk_size=chunk_size)
+
+
+GRAD_W_BLOCK = 4096  # positions whose logit gradients are held at once (bf16 (4096, V): 1.2 GB at V = 152k)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden_N_H @ weight_V_H.T` (optionally soft-capped) against `targets_N`, whose
+    gradients are made in the forward pass, `chunk_size` positions at a time: no (N, V) logits, log-probabilities
+    or gradient tensor is ever held, and each chunk's temporaries are small enough to be reused rather than mapped
+    fresh (on a CPU, glibc maps a block over 32 MB anew, and the kernel zero-fills its pages, on every allocation).
+    The products run in autocast's dtype where autocast is on, the softmax in fp32, as `chunk_logits` does."""
+
+    @staticmethod
+    def forward(ctx, hidden_N_H, weight_V_H, targets_N, chunk_size: int, softcap: float | None):
+        device_type = hidden_N_H.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_N_H.dtype
+        need_h, need_w = ctx.needs_input_grad[:2]
+        with torch.autocast(device_type, enabled=False):
+            h_N_H, w_V_H = hidden_N_H.to(dtype), weight_V_H.to(dtype)
+            N = h_N_H.shape[0]
+            total = torch.zeros((), dtype=torch.float32, device=h_N_H.device)
+            grad_h_N_H = torch.empty_like(hidden_N_H) if need_h else None
+            grad_w_V_H = torch.zeros_like(weight_V_H, dtype=torch.float32) if need_w else None
+            # the logits' gradient for up to `flush` positions, multiplied into the weight's gradient at once
+            flush = max(chunk_size, (GRAD_W_BLOCK // chunk_size) * chunk_size)
+            dlogits_F_V = h_N_H.new_empty(min(N, flush), w_V_H.shape[0]) if need_w else None
+            for s in range(0, N, chunk_size):
+                y_C = targets_N[s:s + chunk_size]
+                z_C_V = (h_N_H[s:s + chunk_size] @ w_V_H.T).float()
+                if softcap:
+                    t_C_V = z_C_V.div_(softcap).tanh_()
+                    z_C_V = t_C_V * softcap
+                lse_C = torch.logsumexp(z_C_V, dim=-1)
+                total += (lse_C - z_C_V.gather(1, y_C[:, None]).squeeze(1)).sum()
+                if not (need_h or need_w):
+                    continue
+                g_C_V = z_C_V.sub_(lse_C[:, None]).exp_()  # softmax, in place of the logits
+                g_C_V[torch.arange(len(y_C), device=y_C.device), y_C] -= 1
+                if softcap:  # d(c tanh(z / c)) / dz = 1 - tanh^2
+                    g_C_V.mul_(1 - t_C_V.square_())
+                g_C_V = g_C_V.to(dtype)
+                if need_h:
+                    grad_h_N_H[s:s + chunk_size] = g_C_V @ w_V_H
+                if need_w:
+                    block, end = s - s % flush, s + len(y_C)
+                    dlogits_F_V[s - block:end - block] = g_C_V
+                    if end - block == flush or end == N:
+                        grad_w_V_H += dlogits_F_V[:end - block].T @ h_N_H[block:end]
+            if need_w:
+                grad_w_V_H = grad_w_V_H.to(weight_V_H.dtype)
+        ctx.save_for_backward(grad_h_N_H, grad_w_V_H)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h_N_H, grad_w_V_H = ctx.saved_tensors
+        return (None if grad_h_N_H is None else grad_h_N_H * grad_total,
+                None if grad_w_V_H is None else grad_w_V_H * grad_total, None, None, None)
+
+
+def linear_cross_entropy(hidden_N_H: torch.Tensor, lm_head: torch.nn.Module, targets_N: torch.Tensor,
+                         vocab_size: int, softcap: float | None = None, chunk_size: int = 128) -> torch.Tensor:
+    """The summed next-token cross-entropy `F.cross_entropy(chunk_logits(hidden_N_H, ...), targets_N,
+    reduction="sum")`, computed without ever holding the (N, V) logits (`_LinearCrossEntropy`). An output layer
+    that is not a plain bias-free Linear goes through `chunk_logits` instead, a chunk at a time, each chunk
+    recomputed in the backward pass."""
+    weight = getattr(lm_head, "weight", None)
+    if type(lm_head) is torch.nn.Linear and lm_head.bias is None and weight is not None:
+        return _LinearCrossEntropy.apply(hidden_N_H, weight[:vocab_size], targets_N, chunk_size, softcap)
+
+    def chunk_loss(h_C_H, y_C):
+        return F.cross_entropy(chunk_logits(h_C_H, lm_head, vocab_size, softcap), y_C, reduction="sum")
+
+    total = hidden_N_H.new_zeros((), dtype=torch.float32)
+    several = len(targets_N) > chunk_size and torch.is_grad_enabled()
+    for start in range(0, len(targets_N), chunk_size):
+        args = (hidden_N_H[start:start + chunk_size], targets_N[start:start + chunk_size])
+        total = total + (checkpoint(chunk_loss, *args, use_reentrant=False) if several else chunk_loss(*args))
+    return total

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and the Qwens' are the same
 
+from opdlab.models.packing import sliding_window
 from opdlab.rollout.packed import packing_supported
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -91,12 +92,6 @@ def why_not_lean(model) -> str | None:
         return f"an output layer that is not a plain Linear ({type(base.lm_head).__name__})"
     return None
 
-
-def _sliding_window(cfg) -> int | None:
-    """The attention window a model's config sets (Mistral's `sliding_window`; Qwen's where `use_sliding_window`)."""
-    if cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False):
-        return getattr(cfg, "sliding_window", None)
-    return None
 
 
 class _Product:
@@ -171,7 +166,7 @@ class LeanDecoder:
         a sequence of `max_len` positions."""
         if why_not_lean(model) is not None:
             return None
-        window = _sliding_window(_base_model(model).config)
+        window = sliding_window(_base_model(model).config)
         if window is not None and window < max_len:
             return None
         return cls(model, rows, max_len)
