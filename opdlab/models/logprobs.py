@@ -67,7 +67,7 @@ def token_stats(hidden_N_H: torch.Tensor, targets_N: torch.Tensor, lm_head: torc
 def completion_hidden(model, prompt_ids_B_P, prompt_mask_B_P, completion_ids_B_T, completion_mask_B_T,
                       packing: bool = False):
     """Hidden states that predict each completion token: position P-1+t predicts y_t. Returns (B, T, H).
-    `packing`: the forward runs on the rows' real tokens packed several to a row (`opdlab.models.packing`), with
+    `packing`: the forward runs on the rows' real tokens only (`opdlab.models.packing`), with
     the same hidden states up to rounding, zero where the predicting position is padding."""
     ids = torch.cat([prompt_ids_B_P, completion_ids_B_T], dim=1)
     mask = torch.cat([prompt_mask_B_P, completion_mask_B_T], dim=1)

@@ -34,7 +34,7 @@ def score(teacher, rollouts: Rollouts, vocab_size: int, *, top_k: int = 0, chunk
     `lookahead` also returns the candidate rewards of the lookahead objective (needs `student`).
     `pending_B_T` (with `keep_hidden`, no top-K): positions whose token statistics the objective will compute from
     its own logits (`TeacherScores.pending_B_T`); no logits are made for them here.
-    `packing`: the teacher's forward runs on the real tokens packed several to a row (`opdlab.models.packing`); the
+    `packing`: the teacher's forward runs on the real tokens only (`opdlab.models.packing`); the
     lookahead objective's passes keep their own layout.
     A teacher served over HTTP (`opdlab.teacher.remote.RemoteTeacher`) is accepted in place of the model."""
     if not isinstance(teacher, torch.nn.Module):
