@@ -107,16 +107,17 @@ GRAD_W_BLOCK = 4096  # positions whose logit gradients are held at once (bf16 (4
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden_N_H @ weight_V_H.T` (optionally soft-capped) against `targets_N`, whose
-    gradients are made in the forward pass, `chunk_size` positions at a time: no (N, V) logits, log-probabilities
-    or gradient tensor is ever held, and each chunk's temporaries are small enough to be reused rather than mapped
-    fresh (on a CPU, glibc maps a block over 32 MB anew, and the kernel zero-fills its pages, on every allocation).
+    gradients are made in the forward pass (where grad mode is on), `chunk_size` positions at a time: no (N, V)
+    fp32 logits or log-probabilities are held, the logits' gradient only for GRAD_W_BLOCK positions at a time (in
+    the products' dtype), and each chunk's temporaries are small enough to be reused rather than mapped fresh (on a CPU, glibc maps a block over 32 MB anew, and the kernel zero-fills its pages, on every allocation).
     The products run in autocast's dtype where autocast is on, the softmax in fp32, as `chunk_logits` does."""
 
     @staticmethod
-    def forward(ctx, hidden_N_H, weight_V_H, targets_N, chunk_size: int, softcap: float | None):
+    def forward(ctx, hidden_N_H, weight_V_H, targets_N, chunk_size: int, softcap: float | None, grad_mode: bool):
         device_type = hidden_N_H.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden_N_H.dtype
-        need_h, need_w = ctx.needs_input_grad[:2]
+        # (needs_input_grad is set under no_grad too: the caller's grad mode says whether to make gradients)
+        need_h, need_w = (grad_mode and need for need in ctx.needs_input_grad[:2])
         with torch.autocast(device_type, enabled=False):
             h_N_H, w_V_H = hidden_N_H.to(dtype), weight_V_H.to(dtype)
             N = h_N_H.shape[0]
@@ -157,7 +158,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h_N_H, grad_w_V_H = ctx.saved_tensors
         return (None if grad_h_N_H is None else grad_h_N_H * grad_total,
-                None if grad_w_V_H is None else grad_w_V_H * grad_total, None, None, None)
+                None if grad_w_V_H is None else grad_w_V_H * grad_total, None, None, None, None)
 
 
 def linear_cross_entropy(hidden_N_H: torch.Tensor, lm_head: torch.nn.Module, targets_N: torch.Tensor,
@@ -168,7 +169,8 @@ def linear_cross_entropy(hidden_N_H: torch.Tensor, lm_head: torch.nn.Module, tar
     recomputed in the backward pass."""
     weight = getattr(lm_head, "weight", None)
     if type(lm_head) is torch.nn.Linear and lm_head.bias is None and weight is not None:
-        return _LinearCrossEntropy.apply(hidden_N_H, weight[:vocab_size], targets_N, chunk_size, softcap)
+        return _LinearCrossEntropy.apply(hidden_N_H, weight[:vocab_size], targets_N, chunk_size, softcap,
+                                         torch.is_grad_enabled())
 
     def chunk_loss(h_C_H, y_C):
         return F.cross_entropy(chunk_logits(h_C_H, lm_head, vocab_size, softcap), y_C, reduction="sum")
