@@ -140,6 +140,11 @@ class PreparedStudent:
     def config(self):
         return self.lm.config
 
+    def get_base_model(self) -> torch.nn.Module:
+        """The transformers model (under a peft wrapper, its base model), whose attention implementation the
+        packed forwards switch (`opdlab.models.packing`); the prepared wrapper calls that same model."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
     def get_decoder(self) -> torch.nn.Module:
         return self.prepared
 

@@ -198,3 +198,42 @@ def test_a_packed_run_trains_as_the_padded_one(model_dirs, tmp_path, objective):
         ends[packing] = weights(train(cfg, progress=False), 2)
     assert max_diff(ends[False], init_weights(model_dirs)) > 1e-4
     assert max_diff(ends[False], ends[True]) < 1e-5
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_training_loops_student_forward_runs_on_bounds(tokenizer, monkeypatch, lora):
+    """The training loop calls the student through `PreparedStudent` (the prepared wrapper's decoder, the plain
+    model's output layer), LoRA or not: its packed forward switches the model to the variable-length attention and
+    passes the bounds, and its hidden states and gradients are those of the padded forward."""
+    from opdlab.distributed import PreparedStudent, StudentDecoder
+
+    models = []
+    for _ in range(2):
+        lm = tiny_llama(tokenizer, 5, **GQA_SIZE)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+        models.append(lm)
+    ref_lm, lm = models
+    with_bounds = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, packing.VARLEN_ATTENTION, lambda *a, **k: (
+        with_bounds.append(k.get("cu_seq_lens_q") is not None) or packing.varlen_sdpa(*a, **k)))
+    ids, mask = left_right_padded(tokenizer, [5, 9, 3, 7], [12, 1, 4, 6], seed=2)
+    got = packed_final_hidden(PreparedStudent(lm, StudentDecoder(lm)), ids, mask)
+    base = lm.get_base_model() if lora else lm
+    assert base.config._attn_implementation == packing.VARLEN_ATTENTION
+    assert with_bounds == [True] * GQA_SIZE["num_hidden_layers"]
+    ref = final_hidden(ref_lm, ids, mask)
+    m = mask.bool()
+    torch.testing.assert_close(got[m], ref[m], rtol=0, atol=2e-6)
+    w_N_H = torch.randn(int(m.sum()), GQA_SIZE["hidden_size"], generator=torch.Generator().manual_seed(3))
+    (got[m] * w_N_H).sum().backward()  # (a square loss would not do: through the final norm its gradient cancels)
+    (ref[m] * w_N_H).sum().backward()
+    ref_params = dict(ref_lm.named_parameters())
+    trained = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
+    assert trained
+    for name, p in trained:
+        r = ref_params[name].grad
+        assert (p.grad - r).norm() <= 1e-5 * r.norm(), name
