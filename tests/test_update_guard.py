@@ -92,3 +92,28 @@ class _OneProcess:
 
     def reduce(self, t, op):
         return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_finite_against_an_element_by_element_check(dtype):
+    """The norm-first check agrees with checking every element: one NaN or infinity anywhere is found, and finite
+    weights whose norm overflows (1e30 squared) are still finite."""
+    from opdlab.step import weights_finite
+
+    def check(params):
+        return weights_finite(params, _OneProcess(), torch.device("cpu"))
+
+    torch.manual_seed(0)
+    shapes = [(5, 7), (0,), (3,), (4, 4, 2)]
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        for which in range(len(shapes)):
+            params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+            assert check(params)
+            if params[which].numel():
+                with torch.no_grad():
+                    params[which].view(-1)[-1] = bad_value
+                assert not check(params), (bad_value, which)
+    huge = [torch.nn.Parameter(torch.full((4, 3), 1e30, dtype=dtype)), torch.nn.Parameter(torch.randn(6))]
+    assert not torch.isfinite(torch.linalg.vector_norm(huge[0].detach()))  # the overflow branch is taken
+    assert check(huge)
+    assert check([])
