@@ -10,7 +10,7 @@ every product). This module runs the same computation with fewer operators, from
   oneDNN runs bf16, reordered once for its linear (as `opdlab.rollout.packed` does for transformers' forward);
 - norms are one `rms_norm` call, q and k get their rotary embedding together, the key/value cache is two
   preallocated tensors written in place, and attention reads only the filled part of it (on a CPU, a decoding
-  step's attention is two batched products);
+  step's attention is two batched products, the scale and the mask folded into the first);
 - rows that repeat a prompt are prefilled once, and `sample()` drops finished rows from the batch it decodes
   (`keep_rows`), once a quarter of it has finished.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and the Qwens' are the same
 
 from opdlab.models.packing import sliding_window
 from opdlab.rollout.packed import packing_supported
@@ -172,23 +171,29 @@ class LeanDecoder:
         return cls(model, rows, max_len)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # transformers' RMSNorm: normalised in fp32, cast back to the input's dtype, times the weight
+        # transformers' RMSNorm: normalised in fp32, cast back to the input's dtype, times the weight (an fp32 input,
+        # the residual stream, has nothing to cast: one call with the weight)
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps=self.eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def _attention(self, q_B_H_T_D: torch.Tensor, k_B_K_S_D: torch.Tensor, v_B_K_S_D: torch.Tensor,
-                   mask_B_1_T_S: torch.Tensor) -> torch.Tensor:
-        """Scaled dot-product attention; a CPU decoding step (one query position) as two batched products with the
-        query heads grouped onto their key/value heads, which ran 2.5x faster there than PyTorch's fused kernel
-        (docs/benchmarks.md)."""
+                   mask_B_1_T_S: torch.Tensor, bias_BK_R_S: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention, (B, T, H * D). A CPU decoding step (one query position, `bias_BK_R_S` given:
+        the mask as 0 / -inf, made once a step for every layer) runs as two batched products with the query heads
+        grouped onto their key/value heads, the scale and the mask folded into the first (`baddbmm`); that ran 2.5x
+        faster there than PyTorch's fused kernel (docs/benchmarks.md)."""
         B, H, T, D = q_B_H_T_D.shape
         K = k_B_K_S_D.shape[1]
-        if T != 1 or q_B_H_T_D.device.type != "cpu":
-            return F.scaled_dot_product_attention(q_B_H_T_D, k_B_K_S_D, v_B_K_S_D, attn_mask=mask_B_1_T_S,
-                                                  enable_gqa=H != K)
-        q_B_K_R_D = q_B_H_T_D.reshape(B, K, H // K, D)  # R = query heads per key/value head
-        scores_B_K_R_S = torch.matmul(q_B_K_R_D, k_B_K_S_D.transpose(-1, -2)).mul_(D ** -0.5)
-        scores_B_K_R_S.masked_fill_(~mask_B_1_T_S, float("-inf"))
-        return torch.matmul(scores_B_K_R_S.softmax(-1), v_B_K_S_D).view(B, H, T, D)
+        if bias_BK_R_S is None:
+            out_B_H_T_D = F.scaled_dot_product_attention(q_B_H_T_D, k_B_K_S_D, v_B_K_S_D, attn_mask=mask_B_1_T_S,
+                                                         enable_gqa=H != K)
+            return out_B_H_T_D.transpose(1, 2).reshape(B, T, H * D)
+        S = k_B_K_S_D.shape[2]
+        q_BK_R_D = q_B_H_T_D.reshape(B * K, H // K, D)  # R = query heads per key/value head
+        scores_BK_R_S = torch.baddbmm(bias_BK_R_S, q_BK_R_D, k_B_K_S_D.reshape(B * K, S, D).transpose(1, 2),
+                                      alpha=D ** -0.5)
+        return torch.bmm(scores_BK_R_S.softmax(-1), v_B_K_S_D.reshape(B * K, S, D)).view(B, T, H * D)
 
     def _forward(self, ids_B_T: torch.Tensor, pos_B_T: torch.Tensor, mask_B_1_T_S: torch.Tensor) -> torch.Tensor:
         """The next-token logits after `ids_B_T`; keys and values go to cache rows 0..B-1, positions filled on."""
@@ -197,7 +202,16 @@ class LeanDecoder:
         S = start + T
         x_B_T_E = F.embedding(ids_B_T, self.embed)
         cos_B_T_D, sin_B_T_D = self.rotary(x_B_T_E, pos_B_T)
-        cos_B_T_1_D, sin_B_T_1_D = cos_B_T_D[:, :, None], sin_B_T_D[:, :, None]
+        # transformers' rotate_half(x) * sin (Llama's; Mistral's and the Qwens' are the same) as x rolled by half a
+        # head times sin with its first half negated: the same products, only the signs moved, in one operator
+        half = D // 2
+        cos_B_T_1_D = cos_B_T_D[:, :, None]
+        sin_B_T_1_D = torch.cat((-sin_B_T_D[..., :half], sin_B_T_D[..., half:]), dim=-1)[:, :, None]
+        bias_BK_R_S = None
+        if T == 1 and x_B_T_E.device.type == "cpu":  # a decoding step's mask as the first product's addend
+            bias_B_1_1_S = torch.zeros(mask_B_1_T_S.shape, dtype=self.attn_dtype, device=x_B_T_E.device)
+            bias_B_1_1_S.masked_fill_(~mask_B_1_T_S, float("-inf"))
+            bias_BK_R_S = bias_B_1_1_S.expand(B, K, H // K, S).reshape(B * K, H // K, S)
         for i, layer in enumerate(self.layers):
             h_B_T_E = self._norm(x_B_T_E, layer["norm1"]).to(self.dtype)
             qkv_B_T_F = layer["qkv"](h_B_T_E)
@@ -208,13 +222,12 @@ class LeanDecoder:
                 q_B_T_H_D = self._norm(q_B_T_H_D, layer["q_norm"])
                 k_B_T_K_D = self._norm(k_B_T_K_D, layer["k_norm"])
             qk_B_T_G_D = torch.cat((q_B_T_H_D, k_B_T_K_D), dim=2)
-            qk_B_T_G_D = qk_B_T_G_D * cos_B_T_1_D + rotate_half(qk_B_T_G_D) * sin_B_T_1_D
+            qk_B_T_G_D = qk_B_T_G_D * cos_B_T_1_D + qk_B_T_G_D.roll(half, dims=-1) * sin_B_T_1_D
             qk_B_G_T_D = qk_B_T_G_D.transpose(1, 2).to(self.attn_dtype)
             self.k_cache[i, :B, :, start:S] = qk_B_G_T_D[:, H:]
             self.v_cache[i, :B, :, start:S] = v_B_T_K_D.transpose(1, 2)
-            attn_B_H_T_D = self._attention(qk_B_G_T_D[:, :H], self.k_cache[i, :B, :, :S],
-                                           self.v_cache[i, :B, :, :S], mask_B_1_T_S)
-            attn_B_T_F = attn_B_H_T_D.transpose(1, 2).reshape(B, T, H * D).to(self.dtype)
+            attn_B_T_F = self._attention(qk_B_G_T_D[:, :H], self.k_cache[i, :B, :, :S],
+                                         self.v_cache[i, :B, :, :S], mask_B_1_T_S, bias_BK_R_S).to(self.dtype)
             x_B_T_E = x_B_T_E + layer["o"](attn_B_T_F)
             h_B_T_E = self._norm(x_B_T_E, layer["norm2"]).to(self.dtype)
             gate_up_B_T_F = layer["gate_up"](h_B_T_E)
