@@ -109,8 +109,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden_N_H @ weight_V_H.T` (optionally soft-capped) against `targets_N`, whose
     gradients are made in the forward pass (where grad mode is on), `chunk_size` positions at a time: no (N, V)
     fp32 logits or log-probabilities are held, the logits' gradient only for GRAD_W_BLOCK positions at a time (in
-    the products' dtype), and each chunk's temporaries are small enough to be reused rather than mapped fresh (on a CPU, glibc maps a block over 32 MB anew, and the kernel zero-fills its pages, on every allocation).
-    The products run in autocast's dtype where autocast is on, the softmax in fp32, as `chunk_logits` does."""
+    the products' dtype), and each chunk's temporaries are small enough to be reused rather than mapped fresh (on a
+    CPU, glibc maps a block over 32 MB anew, and the kernel zero-fills its pages, on every allocation). The products
+    run in autocast's dtype where autocast is on, the softmax in fp32, as `chunk_logits` does."""
 
     @staticmethod
     def forward(ctx, hidden_N_H, weight_V_H, targets_N, chunk_size: int, softcap: float | None, grad_mode: bool):
