@@ -18,9 +18,11 @@ Every side trains the same objective: KL(student || teacher) over the whole voca
 (opdlab's `jsd` with beta = 1), on the same prompts in the same order (the words arithmetic task's training
 stream), the same student and teacher (`builtin:smollm2-student`, 24 layers, and `builtin:smollm2-teacher`, 30),
 batch, completion length (EOS suppressed, so every completion is full length), temperature 1, AdamW at the same
-lr, constant schedule, gradient clipping 1.0. TRL runs in its own precision defaults, which work on this CPU: both
-configs default to `bf16=True` (autocast bf16 through accelerate, fp32 weights), with gradient checkpointing off
-(GKD's `SFTConfig` default turns it on, and with it generates without a KV cache).
+lr, constant schedule, gradient clipping 1.0. Every side steps with PyTorch's fused AdamW: transformers' default,
+and opdlab's `train.fused_optimizer` (`--fused-optimizer off` gives opdlab its own default, PyTorch's plain AdamW).
+TRL runs in its own precision defaults, which work on this CPU: both configs default to `bf16=True` (autocast bf16
+through accelerate, fp32 weights), with gradient checkpointing off (GKD's `SFTConfig` default turns it on, and with
+it generates without a KV cache).
 
 Per step: generation, teacher scoring and the rest (student forward, loss, backward, optimizer), read from
 opdlab's `perf/*` metrics and, for TRL, from a callback and hooks that leave TRL's code unchanged. Each stage's
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--packing", choices=["on", "off"], default="on", help=(
         "opdlab's scoring.packing (default on, as the SmolLM2 demo runs): the teacher's and the student's forwards "
         "over the rollouts compute the real tokens only, without the prompts' padding"))
+    parser.add_argument("--fused-optimizer", choices=["on", "off"], default="on", help=(
+        "opdlab's train.fused_optimizer (default on: transformers' Trainer, and so both TRL trainers, step with "
+        "PyTorch's fused AdamW by default; opdlab's own default is PyTorch's plain AdamW)"))
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of: " + ", ".join(SIDES))
     parser.add_argument("--out", default=None, help="write the numbers as JSON here (e.g. "
                                                     "bench/results/real_pair.json)")
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     # the pair's own task (opdlab.experiments.pairs.WORDS_TASK): worked solutions told as stories
     args.extra_overrides = ["task.arithmetic.style=words", "task.arithmetic.min_steps=3",
                             "task.arithmetic.max_steps=8", "task.arithmetic.max_value=50",
-                            f"scoring.packing={str(args.packing == 'on').lower()}"]
+                            f"scoring.packing={str(args.packing == 'on').lower()}",
+                            f"train.fused_optimizer={str(args.fused_optimizer == 'on').lower()}"]
     dirs = {"student": builtin_dir("smollm2-student"), "teacher": builtin_dir("smollm2-teacher")}
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
@@ -351,6 +357,7 @@ def write_json(path: Path, args, check, summary, flops, peak, bandwidth, shapes,
         "setup": {"batch": args.batch, "new_tokens": args.new_tokens, "prompt_len": P, "steps": args.steps,
                   "repeats": args.repeats, "quick": args.quick, "threads": torch.get_num_threads(),
                   "opdlab_scoring_packing": args.packing == "on",
+                  "opdlab_fused_optimizer": args.fused_optimizer == "on",
                   "load_before": load_before, "load_after": os.getloadavg()[0], "torch": torch.__version__},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,7 @@ class Run:
     data_digest: str = ""  # `problems_digest` of the training problems
     start_step: int = 0
     bad_steps: int = 0
+    update_snapshot: object | None = None  # the update guard's `opdlab.step.UpdateSnapshot`, kept between steps
 
     def autocast(self):
         """The context of every forward pass: bf16 autocast under bf16-mixed precision (`opdlab.runtime`)."""
@@ -287,7 +288,7 @@ def build_run(cfg: RunConfig, resume: bool = False) -> Run:
     data_digest = problems_digest(train_problems)
     trained = [p for p in student.parameters() if p.requires_grad]  # a LoRA student's adapters alone
     optimizer = torch.optim.AdamW(trained, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay)
+                                  weight_decay=cfg.train.weight_decay, fused=cfg.train.fused_optimizer or None)
     scheduler = make_scheduler(optimizer, cfg.train)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     start_step, bad_steps, state = 0, 0, None

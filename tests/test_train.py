@@ -102,6 +102,23 @@ def test_resume_equals_uninterrupted_run(model_dirs, tmp_path):
     assert torch.equal(state_a["rng"]["sampler"], state_b["rng"]["sampler"])
 
 
+def test_fused_optimizer_steps_as_the_default_one_and_resumes_exactly(model_dirs, tmp_path):
+    """`train.fused_optimizer`: the first update equals the default AdamW's up to rounding (the rollouts before it
+    are the same), the checkpoint's optimizer is the fused one, and an interrupted fused run resumes to the same
+    weights bit for bit."""
+    plain, fused, resumed = tmp_path / "plain", tmp_path / "fused", tmp_path / "resumed"
+    train(make_cfg(model_dirs, plain, "train.save_every=1", "train.keep_checkpoints=4"), progress=False)
+    train(make_cfg(model_dirs, fused, "train.save_every=1", "train.keep_checkpoints=4",
+                   "train.fused_optimizer=true"), progress=False)
+    assert max_diff(weights(plain, 1), init_weights(model_dirs)) > 1e-4
+    assert_same_weights(weights(fused, 1), weights(plain, 1), atol=1e-6)
+    state = torch.load(fused / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=False)
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])
+    train(make_cfg(model_dirs, resumed, "train.steps=2", "train.fused_optimizer=true"), progress=False)
+    train(make_cfg(model_dirs, resumed, "train.fused_optimizer=true"), resume=True, progress=False)
+    assert_same_weights(weights(resumed, 4), weights(fused, 4), atol=0)
+
+
 def test_refuses_to_overwrite_or_resume_nothing(model_dirs, tmp_path):
     run = tmp_path / "run"
     train(make_cfg(model_dirs, run, "train.steps=1"), progress=False)

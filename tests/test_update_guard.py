@@ -87,6 +87,72 @@ def test_snapshot_restores_weights_and_adam_state_exactly():
                 assert torch.equal(opt.state[params[i]][k], v)
 
 
+def _adam_state(opt, params):
+    return {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state}
+
+
+def _assert_state(opt, params, expected):
+    assert {i for i, p in enumerate(params) if p in opt.state} == expected.keys()
+    for i, saved in expected.items():
+        for k, v in saved.items():
+            assert torch.equal(opt.state[params[i]][k], v), (i, k)
+
+
+def test_kept_snapshot_writes_into_its_buffers_and_restores_exactly():
+    """With `keep` (a run on a CPU), each take copies into the buffers of the take before; restoring after any
+    take, the first included, gives back exactly the weights and Adam state of that take, and later takes and
+    restores stay exact after the restore swapped the state's tensors."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    params = list(layer.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+
+    def grads():
+        opt.zero_grad(set_to_none=True)
+        layer(torch.randn(4, 16)).square().sum().backward()
+
+    grads()
+    snap = UpdateSnapshot(params, opt, keep=True)  # before Adam has any state
+    opt.step()
+    snap.restore()
+    assert not opt.state and all(torch.equal(p, v) for p, v in zip(params, snap.values))
+    opt.step()
+    value_ptrs = [v.data_ptr() for v in snap.values]
+    for round_ in range(4):
+        grads()
+        before, state_before = [p.detach().clone() for p in params], _adam_state(opt, params)
+        snap.take()
+        assert [v.data_ptr() for v in snap.values] == value_ptrs  # the same buffers
+        opt.step()
+        assert snap.change_ratio(_OneProcess(), torch.device("cpu")) > 0
+        if round_ % 2:  # undo every other update
+            snap.restore()
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            _assert_state(opt, params, state_before)
+        else:
+            assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_change_ratio_against_a_float64_computation():
+    """||W_new - W_old|| / ||W_old|| over tensors larger than one norm piece (65,536 elements), with an update a
+    millionth of the weights' size, as the float64 formula computes it."""
+    from opdlab.step import SQUARES_PIECE
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(5 * SQUARES_PIECE + 7,), (300, 1000), (3,), (0,)]]
+    opt = torch.optim.SGD(params, lr=1.0)
+    snap = UpdateSnapshot(params, opt)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 1e-6 * (1 + torch.rand_like(p)))
+    diff2 = sum(((p.detach().double() - v.double()) ** 2).sum().item() for p, v in zip(params, snap.values))
+    norm2 = sum((v.double() ** 2).sum().item() for v in snap.values)
+    expected = (diff2 / norm2) ** 0.5
+    assert snap.change_ratio(_OneProcess(), torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        params[1][3, 4] = float("inf")
+    assert snap.change_ratio(_OneProcess(), torch.device("cpu")) == float("inf")
+
+
 class _OneProcess:
     """What `global_sum` needs of an accelerator, in one process."""
 
