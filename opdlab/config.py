@@ -380,7 +380,7 @@ class TrainConfig(_Section):
     fused_optimizer: bool = Field(False, description=(
         "Step with PyTorch's fused AdamW kernel (`fused=True`, CPU or CUDA; what transformers' Trainer, and so "
         "TRL, uses by default): one pass over each parameter instead of a chain of elementwise operators, the same "
-        "update up to rounding. On the SmolLM2 student (2 CPU threads) a step took 0.06 s against 0.17-0.28 s. "
+        "update up to rounding. On the SmolLM2 student (2 CPU threads) a step took 0.06 s against 0.17-0.32 s. "
         "Off by default so that the demos' numbers stay the ones measured; fixed for a run (not changed on "
         "--resume)."))
     threads: int | None = Field(None, ge=1, description=THREADS_DOC)
